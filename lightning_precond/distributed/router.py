@@ -1,0 +1,119 @@
+"""The router interface and the single-process router."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..blocks import Block, BlockPlan
+
+__all__ = ["BlockUpdate", "Router", "LocalRouter", "resolve_router"]
+
+
+@dataclass
+class BlockUpdate:
+    """What an owner sends for one block: ``W_block <- decay * W_block + delta``."""
+
+    block: Block
+    delta: Tensor  # [rows, cols], state dtype
+    decay: float
+
+
+class Router:
+    """Moves block gradients to owners and block updates back to the backend's storage.
+
+    ``owners[i]`` is the rank computing ``plan.blocks[i]``. A step is always: the engine asks
+    :meth:`block_gradients` for the blocks this rank owns, computes, then calls
+    :meth:`apply_updates` once with every owned update.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+        """Bind to the parameters and return the owner of every block."""
+        raise NotImplementedError
+
+    def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
+        raise NotImplementedError
+
+    def apply_updates(self, updates: Sequence[BlockUpdate]) -> None:
+        raise NotImplementedError
+
+
+def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:
+    return param.view(shape) if param.is_contiguous() else param.reshape(shape)
+
+
+class LocalRouter(Router):
+    """Every block is owned here; gradients and parameters are plain local tensors."""
+
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+        self._params = list(params)
+        self._shapes = plan.matrix_shapes
+        return [0] * len(plan.blocks)
+
+    def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
+        grads: list[Tensor | None] = []
+        for block in blocks:
+            grad = self._params[block.param_index].grad
+            if grad is None:
+                grads.append(None)
+                continue
+            shape = self._shapes[block.param_index]
+            assert shape is not None
+            matrix = grad.reshape(shape)
+            grads.append(
+                matrix[
+                    block.row_start : block.row_start + block.rows,
+                    block.col_start : block.col_start + block.cols,
+                ]
+            )
+        return grads
+
+    def apply_updates(self, updates: Sequence[BlockUpdate]) -> None:
+        apply_to_params(self._params, self._shapes, updates)
+
+
+def apply_to_params(
+    params: Sequence[Tensor],
+    shapes: Sequence[tuple[int, int] | None],
+    updates: Sequence[BlockUpdate],
+) -> None:
+    """Apply block updates to full local parameters (shared by the replicated routers)."""
+    by_param: dict[int, list[BlockUpdate]] = {}
+    for update in updates:
+        by_param.setdefault(update.block.param_index, []).append(update)
+    for index, param_updates in by_param.items():
+        param = params[index]
+        shape = shapes[index]
+        assert shape is not None
+        matrix = _matrix_view(param.data, shape)
+        for update in param_updates:
+            b = update.block
+            view = matrix[b.row_start : b.row_start + b.rows, b.col_start : b.col_start + b.cols]
+            if update.decay != 1.0:
+                view.mul_(update.decay)
+            view.add_(update.delta.to(view.dtype))
+        if not param.data.is_contiguous():
+            param.data.copy_(matrix.view(param.shape))
+
+
+def resolve_router(distributed: Any) -> Router:
+    """Pick the router: ``None`` -> local; ``"auto"`` -> detect; a process group -> DDP."""
+    if distributed is None:
+        return LocalRouter()
+    if distributed == "auto":
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                from .ddp import ReplicatedRouter
+
+                return ReplicatedRouter(None)
+        return LocalRouter()
+    from .ddp import ReplicatedRouter
+
+    return ReplicatedRouter(distributed)

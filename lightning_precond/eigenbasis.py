@@ -1,0 +1,147 @@
+"""Batched eigenbasis computations for stacks of symmetric factors ``[k, d, d]``.
+
+Three ways to (re)compute a basis, all batched over same-shaped blocks:
+
+* ``eigh``  -- exact, via ``torch.linalg.eigh`` (float64 retry, then per-matrix fallback).
+* ``power`` -- SOAP's single warm-started power-iteration step ``Q <- qr(A Q).Q``.
+* ``qr``    -- the warm-started QR algorithm: ``B = Q^T A Q``; repeat ``B = R_k Q_k`` with
+  ``(Q_k, R_k) = qr(B)`` and ``Q <- Q Q_k`` until ``staleness(B) <= tolerance``.
+
+Eigenvalues are always returned in descending order of the basis columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BasisResult",
+    "REFRESH_METHODS",
+    "eigh_descending",
+    "power_step",
+    "qr_algorithm",
+    "rayleigh_diagonal",
+    "staleness",
+    "eigenvalue_staleness",
+]
+
+REFRESH_METHODS = ("eigh", "qr", "power")
+
+
+@dataclass
+class BasisResult:
+    """New bases for a stack of factors.
+
+    ``ok[i]`` is False where the computation failed; such entries hold the old basis.
+    ``permutation`` (``[k, d]`` or None) maps new column j to old column ``permutation[j]``
+    for state indexed by eigen-direction (SOAP's second moment, KL's eigenvalues).
+    """
+
+    basis: Tensor
+    eigenvalues: Tensor
+    ok: list[bool]
+    permutation: Tensor | None = None
+    iterations: int = 0
+
+
+def rayleigh_diagonal(factor: Tensor, basis: Tensor) -> Tensor:
+    """``diag(Q^T A Q)`` for a stack, without forming the full product."""
+    return (basis * (factor @ basis)).sum(dim=-2)
+
+
+def staleness(projected: Tensor) -> Tensor:
+    """``||B - diag(B)||_F / ||B||_F`` per matrix of a stack ``B = Q^T A Q``."""
+    total = torch.linalg.matrix_norm(projected)
+    diag = torch.linalg.vector_norm(torch.diagonal(projected, dim1=-2, dim2=-1), dim=-1)
+    off = (total.square() - diag.square()).clamp_min(0.0).sqrt()
+    return torch.where(total > 0, off / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def eigenvalue_staleness(in_use: Tensor, current: Tensor) -> Tensor:
+    """Relative change ``||lambda_used - diag(B)|| / ||diag(B)||`` per factor."""
+    scale = torch.linalg.vector_norm(current, dim=-1)
+    change = torch.linalg.vector_norm(in_use - current, dim=-1)
+    return torch.where(scale > 0, change / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+
+
+def eigh_descending(factor: Tensor, previous: Tensor) -> BasisResult:
+    """Exact eigendecomposition of a stack; a failed matrix keeps ``previous``.
+
+    Tries the factor's dtype on the whole batch, then float64 on the whole batch, then
+    float64 matrix by matrix to isolate failures.
+    """
+    dtype = factor.dtype
+    try:
+        values, vectors = torch.linalg.eigh(factor)
+        ok = [True] * factor.shape[0]
+    except torch.linalg.LinAlgError:
+        values, vectors, ok = _eigh_float64(factor, previous)
+    return BasisResult(vectors.flip(-1).to(dtype), values.flip(-1).to(dtype), ok)
+
+
+def _eigh_float64(factor: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, list[bool]]:
+    wide = factor.to(torch.float64)
+    try:
+        values, vectors = torch.linalg.eigh(wide)
+        return values, vectors, [True] * factor.shape[0]
+    except torch.linalg.LinAlgError:
+        pass
+    values = torch.zeros(wide.shape[:-1], dtype=torch.float64, device=wide.device)
+    # Failed entries keep the previous basis; flipped here because the caller flips back.
+    vectors = previous.to(torch.float64).flip(-1).clone()
+    ok = []
+    for i in range(wide.shape[0]):
+        try:
+            values[i], vectors[i] = torch.linalg.eigh(wide[i])
+            ok.append(True)
+        except torch.linalg.LinAlgError:
+            values[i] = rayleigh_diagonal(wide[i], vectors[i])
+            ok.append(False)
+    return values, vectors, ok
+
+
+def _sort_by_rayleigh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    order = torch.argsort(rayleigh_diagonal(factor, basis), dim=-1, descending=True)
+    return basis.gather(-1, order.unsqueeze(-2).expand_as(basis)), order
+
+
+def power_step(factor: Tensor, basis: Tensor, sort: bool) -> BasisResult:
+    """SOAP's refresh: optionally sort columns by ``diag(Q^T A Q)``, then ``Q <- qr(A Q).Q``."""
+    order = None
+    if sort:
+        basis, order = _sort_by_rayleigh(factor, basis)
+    new_basis = torch.linalg.qr(factor @ basis).Q
+    values = rayleigh_diagonal(factor, new_basis)
+    return BasisResult(new_basis, values, [True] * factor.shape[0], order, 1)
+
+
+def qr_algorithm(
+    factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool
+) -> BasisResult:
+    """Warm-started (unshifted) QR algorithm, iterated until every matrix of the stack has
+    ``staleness <= tolerance`` or ``max_iterations`` is reached.
+
+    The convergence test is one host sync per iteration; refreshes are amortized work.
+    ``R_k``'s diagonal is made positive so columns keep their sign from step to step.
+    """
+    order = None
+    if sort:
+        basis, order = _sort_by_rayleigh(factor, basis)
+    projected = basis.mT @ factor @ basis
+    iterations = 0
+    for _ in range(max_iterations):
+        if bool((staleness(projected) <= tolerance).all()):
+            break
+        q, r = torch.linalg.qr(projected)
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        q = q * signs.unsqueeze(-2)
+        r = r * signs.unsqueeze(-1)
+        projected = r @ q
+        basis = basis @ q
+        iterations += 1
+    values = torch.diagonal(projected, dim1=-2, dim2=-1).clone()
+    return BasisResult(basis, values, [True] * factor.shape[0], order, iterations)
