@@ -604,8 +604,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         assert self._plan is not None
         return {b.id for b in self._plan.blocks}
 
-    def preconditioner_stats(self, names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None) -> list[FactorStats]:
-        """One record per factor owned by this rank (see :class:`FactorStats`).
+    def preconditioner_stats(
+        self,
+        names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None,
+        gather: bool = False,
+    ) -> list[FactorStats]:
+        """One record per factor (see :class:`FactorStats`), sorted by block id and side.
+
+        By default only the factors this rank owns; with ``gather=True`` every rank's
+        records are collected on every rank (a collective: all ranks must call it).
 
         Staleness is computed on demand from the current factors (two batched matmuls per
         stack), so nothing is spent when this is never called. ``names`` (e.g.
@@ -639,7 +646,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                             refresh_seconds=side_rec.refresh_seconds,
                         )
                     )
-        return records
+        if gather:
+            assert self._router is not None
+            records = self._router.gather_objects(records)
+        return sorted(records, key=_stats_order)
 
     def _names_from(self, names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None) -> dict[int, str]:
         if names is None:
@@ -787,6 +797,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def _name_of_index(self, index: int) -> str:
         params = self._all_params()
         return self._name(params[index]) if index < len(params) else f"parameter {index}"
+
+
+def _stats_order(record: FactorStats) -> tuple[int, int, str]:
+    param, block = record.block_id.split(".")
+    return int(param), int(block), record.side
 
 
 _RECORD_FIELDS = ("refreshes", "last_refresh_step", "failures", "consecutive_failures")

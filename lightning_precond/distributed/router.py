@@ -44,6 +44,10 @@ class Router:
     def apply_updates(self, updates: Sequence[BlockUpdate]) -> None:
         raise NotImplementedError
 
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Concatenate every rank's ``items`` on every rank (identity in one process)."""
+        return list(items)
+
 
 def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:
     return param.view(shape) if param.is_contiguous() else param.reshape(shape)
