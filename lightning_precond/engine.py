@@ -760,7 +760,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         assert self._plan is not None
         index = 0
         for group in self.param_groups:
-            beta1, beta2 = self._diagonal_betas(group)
+            beta1, beta2, eps = self._diagonal_hyperparameters(group)
             for p in group["params"]:
                 is_matrix = self._plan.matrix_shapes[index] is not None
                 index += 1
@@ -776,14 +776,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 grad = p.grad
                 state["exp_avg"].lerp_(grad, 1.0 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / (1.0 - beta2**step) ** 0.5).add_(group["eps"])
+                denom = (state["exp_avg_sq"].sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1.0 - beta1**step))
 
-    def _diagonal_betas(self, group: Mapping[str, Any]) -> tuple[float, float]:
-        """The (beta1, beta2) of the AdamW that vectors and scalars take."""
+    def _diagonal_hyperparameters(self, group: Mapping[str, Any]) -> tuple[float, float, float]:
+        """The (beta1, beta2, eps) of the AdamW that vectors and scalars take."""
         beta1, beta2 = group["betas"]
-        return float(beta1), float(beta2)
+        return float(beta1), float(beta2), float(group["eps"])
 
     # ------------------------------------------------------------------ names
     def _name(self, param: Tensor) -> str:

@@ -284,8 +284,9 @@ class Shampoo(PreconditionedOptimizer):
         if not group["grafting_eps"] >= 0.0:
             raise ValueError(f"grafting_eps must be >= 0, got {group['grafting_eps']}")
 
-    def _diagonal_betas(self, group: Mapping[str, Any]) -> tuple[float, float]:
+    def _diagonal_hyperparameters(self, group: Mapping[str, Any]) -> tuple[float, float, float]:
+        """Vectors take AdamW with the grafting method's beta2 and epsilon."""
         beta2 = group["grafting_beta2"]
         if beta2 is None:
             beta2 = group["betas"][1] if group["betas"][1] < 1.0 else 0.999
-        return float(group["betas"][0]), float(beta2)
+        return float(group["betas"][0]), float(beta2), float(group["grafting_eps"])

@@ -1,0 +1,161 @@
+"""Dense float64 reference implementations, written from ../shared/algorithms.md.
+
+Each works on one full matrix with plain ``torch.linalg`` calls and no code from the
+package, so agreement with the optimizers is evidence, not an echo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+GradFn = Callable[[Tensor], Tensor]
+
+
+def eigh_desc(a: Tensor) -> tuple[Tensor, Tensor]:
+    values, vectors = torch.linalg.eigh(a)
+    return values.flip(-1), vectors.flip(-1)
+
+
+def matrix_power_sym(a: Tensor, power: float, eps: float) -> Tensor:
+    values, vectors = torch.linalg.eigh(a)
+    return vectors @ torch.diag((values.clamp_min(0) + eps) ** power) @ vectors.T
+
+
+def soap_refresh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort by the Rayleigh quotients, then one QR power step. Returns (new basis, order)."""
+    order = torch.argsort(torch.diag(basis.T @ factor @ basis), descending=True)
+    return torch.linalg.qr(factor @ basis[:, order]).Q, order
+
+
+def soap(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, b2: float,
+         bs: float, eps: float, wd: float, freq: int) -> list[Tensor]:
+    """SOAP: returns W after each update (the first call builds the basis only)."""
+    g = grad_fn(w)
+    left, right = (1 - bs) * g @ g.T, (1 - bs) * g.T @ g
+    ql, qr = eigh_desc(left)[1], eigh_desc(right)[1]
+    m = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+    out = []
+    for t in range(1, steps + 1):
+        g = grad_fn(w)
+        gt = ql.T @ g @ qr
+        m = b1 * m + (1 - b1) * gt
+        v = b2 * v + (1 - b2) * gt * gt
+        alpha = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+        w = w - alpha * (ql @ (m / (v.sqrt() + eps)) @ qr.T)
+        w = w - lr * wd * w
+        left = bs * left + (1 - bs) * g @ g.T
+        right = bs * right + (1 - bs) * g.T @ g
+        if t % freq == 0:
+            new_l, order_l = soap_refresh(left, ql)
+            v = v[order_l, :]
+            new_r, order_r = soap_refresh(right, qr)
+            v = v[:, order_r]
+            m = new_l.T @ (ql @ m @ qr.T) @ new_r
+            ql, qr = new_l, new_r
+        out.append(w)
+    return out
+
+
+def kl_inverse(lam: Tensor) -> Tensor:
+    cap = max(10, min(lam.shape[0], 4000))
+    inv_sqrt = torch.clamp(lam.clamp_min(0) ** -0.5, max=cap)
+    inv_sqrt = torch.nan_to_num(inv_sqrt, nan=0.0, posinf=0.0)
+    return inv_sqrt**2
+
+
+def kl_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, beta: float,
+               eps: float, wd: float, freq: int, adam: tuple[float, float] | None = None,
+               ) -> list[Tensor]:
+    """KL-Shampoo, or KL-SOAP when ``adam=(b1, b2)`` is given (Adam in the eigenbasis)."""
+    m_rows, n_cols = w.shape
+    g = grad_fn(w)
+    sa = (1 - beta) / n_cols * g @ g.T
+    sb = (1 - beta) / m_rows * g.T @ g
+    qa, qb = eigh_desc(sa)[1], eigh_desc(sb)[1]
+    la = torch.full((m_rows,), 0.1, dtype=w.dtype)
+    lb = torch.full((n_cols,), 0.1, dtype=w.dtype)
+    mom = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+    out = []
+    for t in range(1, steps + 1):
+        g = grad_fn(w)
+        if adam is None:
+            mom = b1 * mom + (1 - b1) * g
+            ia, ib = kl_inverse(la), kl_inverse(lb)
+            p = 1.0 / (torch.outer(ia, ib).rsqrt() + eps)
+            update = lr * (qa @ ((qa.T @ mom @ qb) * p) @ qb.T)
+            w = (1 - lr * wd) * w - update
+        else:
+            a1, a2 = adam
+            gt = qa.T @ g @ qb
+            mom = a1 * mom + (1 - a1) * gt
+            v = a2 * v + (1 - a2) * gt * gt
+            alpha = lr * (1 - a2**t) ** 0.5 / (1 - a1**t)
+            w = w - alpha * (qa @ (mom / (v.sqrt() + eps)) @ qb.T)
+            w = w - lr * wd * w
+        ia, ib = kl_inverse(la), kl_inverse(lb)
+        sa = beta * sa + (1 - beta) / n_cols * g @ qb @ torch.diag(ib) @ qb.T @ g.T
+        sb = beta * sb + (1 - beta) / m_rows * g.T @ qa @ torch.diag(ia) @ qa.T @ g
+        gt2 = (qa.T @ g @ qb) ** 2
+        la, lb = (beta * la + (1 - beta) / n_cols * gt2 @ ib,
+                  beta * lb + (1 - beta) / m_rows * ia @ gt2)
+        if t % freq == 0:
+            if adam is None:
+                qa = torch.linalg.qr(sa @ qa).Q
+                qb = torch.linalg.qr(sb @ qb).Q
+            else:
+                new_a, order_a = soap_refresh(sa, qa)
+                new_b, order_b = soap_refresh(sb, qb)
+                v = v[order_a, :][:, order_b]
+                la, lb = la[order_a], lb[order_b]
+                mom = new_a.T @ (qa @ mom @ qb.T) @ new_b
+                qa, qb = new_a, new_b
+        out.append(w)
+    return out
+
+
+def eigenvalue_corrected_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float,
+                                 b2: float, bs: float, eps: float, wd: float, freq: int
+                                 ) -> list[Tensor]:
+    g = grad_fn(w)
+    left, right = (1 - bs) * g @ g.T, (1 - bs) * g.T @ g
+    ql, qr = eigh_desc(left)[1], eigh_desc(right)[1]
+    m = torch.zeros_like(w)
+    d = torch.zeros_like(w)
+    out = []
+    for t in range(1, steps + 1):
+        g = grad_fn(w)
+        m = b1 * m + (1 - b1) * g
+        d = b2 * d + (1 - b2) * (ql.T @ g @ qr) ** 2
+        m_hat = m / (1 - b1**t)
+        d_hat = d / (1 - b2**t)
+        w = (1 - lr * wd) * w - lr * (ql @ ((ql.T @ m_hat @ qr) / (d_hat + eps).sqrt()) @ qr.T)
+        left = bs * left + (1 - bs) * g @ g.T
+        right = bs * right + (1 - bs) * g.T @ g
+        if t % freq == 0:
+            ql, qr = eigh_desc(left)[1], eigh_desc(right)[1]
+        out.append(w)
+    return out
+
+
+def shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b2: float, eps: float,
+            exponent: float, freq: int, start: int) -> list[Tensor]:
+    """Plain Shampoo (no momentum, no grafting): W -= lr (L+eps)^-p G (R+eps)^-p."""
+    left = torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype)
+    right = torch.zeros(w.shape[1], w.shape[1], dtype=w.dtype)
+    root_l = root_r = None
+    out = []
+    for t in range(1, steps + 1):
+        g = grad_fn(w)
+        left = b2 * left + (1 - b2) * g @ g.T if b2 < 1 else left + g @ g.T
+        right = b2 * right + (1 - b2) * g.T @ g if b2 < 1 else right + g.T @ g
+        if t >= start and (t - start) % freq == 0:
+            root_l = matrix_power_sym(left, -exponent, eps)
+            root_r = matrix_power_sym(right, -exponent, eps)
+        w = w - lr * (root_l @ g @ root_r if t >= start else g)
+        out.append(w)
+    return out
