@@ -40,10 +40,10 @@ class Block:
 def matrix_shape(shape: Sequence[int], max_dim: int) -> tuple[int, int] | None:
     """The 2-D view of a parameter, or ``None`` for parameters that take the diagonal method.
 
-    Tensors of order > 2 merge adjacent dims into two groups. Among the split points we pick
-    the one whose larger side is smallest, preferring the earliest split (output dims stay on
-    the left, as for ``nn.Linear``); with ``max_dim`` this keeps factors as small as blocking
-    allows. Order 0 and 1 (biases, norms, scalars) return ``None``.
+    Tensors of order > 2 merge adjacent dims into two groups: the first split whose sides
+    both fit ``max_dim`` (so a conv weight is ``out x (in * kh * kw)`` as usual), else the
+    most balanced split, which blocking then cuts into the fewest pieces. Order 0 and 1
+    (biases, norms, scalars) return ``None``.
     """
     dims = [int(d) for d in shape]
     if len(dims) < 2 or any(d == 0 for d in dims):
@@ -51,7 +51,10 @@ def matrix_shape(shape: Sequence[int], max_dim: int) -> tuple[int, int] | None:
     if len(dims) == 2:
         return dims[0], dims[1]
     candidates = [(math.prod(dims[:s]), math.prod(dims[s:])) for s in range(1, len(dims))]
-    return min(candidates, key=lambda sides: (max(sides) > max_dim, max(sides)))
+    for sides in candidates:
+        if max(sides) <= max_dim:
+            return sides
+    return min(candidates, key=max)
 
 
 def _cuts(size: int, max_dim: int) -> list[tuple[int, int]]:
