@@ -55,8 +55,8 @@ def rayleigh_diagonal(factor: Tensor, basis: Tensor) -> Tensor:
 def staleness(projected: Tensor) -> Tensor:
     """``||B - diag(B)||_F / ||B||_F`` per matrix of a stack ``B = Q^T A Q``."""
     total = torch.linalg.matrix_norm(projected)
-    diag = torch.linalg.vector_norm(torch.diagonal(projected, dim1=-2, dim2=-1), dim=-1)
-    off = (total.square() - diag.square()).clamp_min(0.0).sqrt()
+    # The off-diagonal norm is formed directly: ||B||^2 - ||diag B||^2 cancels catastrophically.
+    off = torch.linalg.matrix_norm(projected - torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1)))
     return torch.where(total > 0, off / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 

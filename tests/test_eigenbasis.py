@@ -1,0 +1,150 @@
+"""Eigenbasis refresh: staleness, the warm-started QR algorithm, and adaptive refresh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_precond as lp
+from lightning_precond.eigenbasis import eigh_descending, power_step, qr_algorithm, staleness
+
+
+def known_spectrum(n: int, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = V diag(lam) V^T with lam = 1, 1/2, 1/4, ... (well separated) and random V."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype)).Q
+    lam = 2.0 ** -torch.arange(n, dtype=dtype)
+    return v @ torch.diag(lam) @ v.T, v, lam
+
+
+def test_staleness_is_zero_for_the_exact_basis_and_one_half_for_a_known_case():
+    a, v, _ = known_spectrum(6)
+    assert staleness((v.T @ a @ v)[None]).item() <= 1e-12
+    b = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])
+    assert staleness(b).item() == pytest.approx(2**0.5 / 2)
+
+
+def test_warm_started_qr_reaches_tolerance_and_eigh_eigenvalues():
+    a, v, lam = known_spectrum(8)
+    gen = torch.Generator().manual_seed(1)
+    # A warm start: the true basis rotated a little.
+    skew = torch.randn(8, 8, generator=gen, dtype=torch.float64) * 0.05
+    start = v @ torch.linalg.matrix_exp(skew - skew.T)
+    assert staleness((start.T @ a @ start)[None]).item() > 1e-3
+    result = qr_algorithm(a[None], start[None], tolerance=1e-8, max_iterations=200, sort=True)
+    basis = result.basis[0]
+    assert staleness((basis.T @ a @ basis)[None]).item() <= 1e-8
+    exact = eigh_descending(a[None], start[None])
+    torch.testing.assert_close(result.eigenvalues[0], exact.eigenvalues[0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(result.eigenvalues[0], lam, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert result.iterations >= 1
+
+
+def test_power_step_sorts_and_improves_the_basis():
+    a, v, _ = known_spectrum(6, seed=2)
+    start = v[:, torch.tensor([3, 1, 0, 2, 5, 4])] + 0.01
+    start = torch.linalg.qr(start).Q
+    result = power_step(a[None], start[None], sort=True)
+    assert result.permutation is not None
+    assert result.permutation[0].tolist() == [2, 1, 3, 0, 5, 4]
+    before = staleness((start.T @ a @ start)[None]).item()
+    after = staleness((result.basis[0].T @ a @ result.basis[0])[None]).item()
+    assert after < before
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(512, 16, generator=gen)
+    y = torch.sin(x[:, :8] * 2) + 0.1 * torch.randn(512, 8, generator=gen)
+    return model, x, y
+
+
+def fit(model, opt, x, y, steps: int) -> float:
+    for i in range(steps):
+        batch = slice((i * 64) % 512, (i * 64) % 512 + 64)
+        opt.zero_grad()
+        loss = ((model(x[batch]) - y[batch]) ** 2).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return ((model(x) - y) ** 2).mean().item()
+
+
+def test_staleness_is_zero_after_eigh_and_grows_as_statistics_drift():
+    model, x, y = model_and_data()
+    opt = lp.SOAP(model.parameters(), precondition_frequency=10**6, preconditioner_dtype=torch.float64)
+    fit(model, opt, x, y, 2)
+    opt.refresh_eigenbasis(method="eigh")
+    fresh = opt.preconditioner_stats()
+    assert max(s.staleness for s in fresh) <= 1e-6
+    assert all(s.steps_since_refresh == 0 for s in fresh)
+    fit(model, opt, x, y, 30)
+    drifted = opt.preconditioner_stats()
+    assert min(s.staleness for s in drifted) > 1e-3
+    assert all(s.steps_since_refresh == 30 for s in drifted)
+
+
+def test_refresh_eigenbasis_selects_stale_factors_and_named_blocks():
+    model, x, y = model_and_data()
+    opt = lp.SOAP(model.parameters(), precondition_frequency=10**6, max_qr_iterations=50,
+                  preconditioner_dtype=torch.float64)
+    fit(model, opt, x, y, 20)
+    refreshed = opt.refresh_eigenbasis(select=[("0.0", "left")], method="eigh")
+    assert [(r.block_id, r.side) for r in refreshed] == [("0.0", "left")]
+    stats = {(s.block_id, s.side): s for s in opt.preconditioner_stats()}
+    assert stats[("0.0", "left")].staleness <= 1e-6
+    assert stats[("0.0", "right")].staleness > 1e-3
+    stale = opt.refresh_eigenbasis(select="stale", tolerance=0.01)
+    assert ("0.0", "left") not in {(r.block_id, r.side) for r in stale}
+    assert all(s.staleness <= 0.01 for s in opt.preconditioner_stats())
+
+
+def test_adaptive_refresh_uses_fewer_refreshes_at_the_same_loss():
+    model_fixed, x, y = model_and_data()
+    fixed = lp.SOAP(model_fixed.parameters(), lr=3e-3, precondition_frequency=5)
+    loss_fixed = fit(model_fixed, fixed, x, y, 200)
+
+    model_adaptive, _, _ = model_and_data()
+    adaptive = lp.SOAP(model_adaptive.parameters(), lr=3e-3, precondition_frequency=5,
+                       refresh="adaptive", refresh_tolerance=0.1, refresh_check_interval=5)
+    loss_adaptive = fit(model_adaptive, adaptive, x, y, 200)
+
+    count = lambda opt: sum(s.refresh_count for s in opt.preconditioner_stats())  # noqa: E731
+    assert count(adaptive) < count(fixed)
+    assert abs(loss_adaptive - loss_fixed) <= 0.01 * loss_fixed
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(method="lanczos"), "method"),
+        (dict(tolerance=0.0), "tolerance"),
+        (dict(tolerance=2.0), "tolerance"),
+        (dict(select="some"), "select"),
+        (dict(select=["9.9"]), "unknown block"),
+        (dict(select=[("0.0", "middle")]), "side"),
+    ],
+)
+def test_refresh_eigenbasis_rejects_bad_input(kwargs, name):
+    model, x, y = model_and_data()
+    opt = lp.SOAP(model.parameters())
+    fit(model, opt, x, y, 2)
+    with pytest.raises(ValueError, match=name):
+        opt.refresh_eigenbasis(**kwargs)
+
+
+def test_an_attached_owner_stops_the_optimizers_own_refresh():
+    model, x, y = model_and_data()
+    opt = lp.SOAP(model.parameters(), precondition_frequency=2)
+    owner = object()
+    opt.attach_refresh_owner(owner)
+    fit(model, opt, x, y, 9)
+    assert all(s.refresh_count == 1 for s in opt.preconditioner_stats())  # only the initial eigh
+    with pytest.raises(RuntimeError, match="already owned"):
+        opt.attach_refresh_owner(object())
+    opt.detach_refresh_owner(owner)
+    fit(model, opt, x, y, 2)
+    assert all(s.refresh_count == 2 for s in opt.preconditioner_stats())
