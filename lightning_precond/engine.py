@@ -71,6 +71,7 @@ class EngineOptions:
     max_consecutive_failures: int = 3
     precondition_1d: bool = False
     distributed: Any = "auto"
+    communication_dtype: torch.dtype | None = None  # None: float32 (float64 for float64 state)
 
     def __post_init__(self) -> None:
         if self.max_preconditioner_dim < 1:
@@ -99,6 +100,13 @@ class EngineOptions:
             raise ValueError(
                 f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {self.nonfinite_grad!r}"
             )
+        if self.communication_dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(
+                "communication_dtype must be None or a floating dtype (float32, float64, bfloat16, "
+                f"float16), got {self.communication_dtype}"
+            )
+        if isinstance(self.distributed, str) and self.distributed != "auto":
+            raise ValueError(f"distributed must be None, 'auto' or a process group, got {self.distributed!r}")
         if self.max_consecutive_failures < 1:
             raise ValueError(
                 f"max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}"
@@ -218,6 +226,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._location: dict[str, tuple[_Bucket, int]] = {}
         self._refresh_owner: object | None = None
         self._warned_failure = False
+        self._steps_taken = 0
+        self._consolidated: tuple[int, list[dict[tuple[int, str], Tensor]]] | None = None
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -269,7 +279,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             self.options.max_preconditioner_dim,
             self.options.precondition_1d,
         )
-        router = resolve_router(self.options.distributed)
+        state_dtypes = {self._state_dtype(p) for p in params}
+        communication_dtype = self.options.communication_dtype or (
+            torch.float64 if torch.float64 in state_dtypes else torch.float32
+        )
+        router = resolve_router(self.options.distributed, communication_dtype)
         owners = router.setup(params, plan)
         grouped: dict[tuple[int, int, int], list[Block]] = {}
         for block, owner in zip(plan.blocks, owners):
@@ -298,6 +312,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_gradients()
         self._setup()
+        self._steps_taken += 1
         assert self._router is not None
         work = []
         for bucket in self._buckets:
@@ -315,7 +330,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             flags = finite[offset : offset + len(present)]
             offset += len(present)
             updates.extend(self._step_bucket(bucket, present, stacked, flags))
-        self._router.apply_updates(updates)
+        decays = [1.0 - g["lr"] * g["weight_decay"] for g in self.param_groups]
+        self._router.apply_updates(updates, decays)
         self._diagonal_step()
         return loss
 
@@ -329,15 +345,21 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 if torch.is_complex(p.grad):
                     raise RuntimeError(f"{self._name(p)}: complex gradients are not supported")
 
+    def _router_any(self, flag: bool) -> bool:
+        assert self._router is not None
+        return self._router.any_rank(flag)
+
     def _finite_flags(self, work: list[tuple[_Bucket, list[int], Tensor]]) -> list[bool]:
-        """Whether each block's gradient is finite: one host sync per step, for all blocks."""
-        if not work:
-            return []
-        flags = torch.cat([torch.isfinite(g).flatten(1).all(dim=1) for _, _, g in work]).tolist()
-        if self.options.nonfinite_grad == "raise" and not all(flags):
+        """Whether each block's gradient is finite: one host sync per step, for all blocks.
+
+        With ``nonfinite_grad="raise"`` all ranks agree (one tiny all-reduce) and raise together.
+        """
+        flags = torch.cat([torch.isfinite(g).flatten(1).all(dim=1) for _, _, g in work]).tolist() if work else []
+        if self.options.nonfinite_grad == "raise" and self._router_any(not all(flags)):
             blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
             bad = [b for b, ok in zip(blocks, flags) if not ok]
             names = ", ".join(f"{self._name_of_index(b.param_index)} block {b.id}" for b in bad[:5])
+            names = names or "a block owned by another rank"
             raise FloatingPointError(
                 f"non-finite gradient in {names} (nonfinite_grad='raise'); "
                 "use nonfinite_grad='skip' to skip such blocks instead"
@@ -377,9 +399,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 direction, step_size = self._direction(bucket, positions, state, g, step, group, beta)
             scale = -step_size * (decay if self.recipe.decay_after_update else 1.0)
             delta = direction * scale
-            updates.extend(
-                BlockUpdate(bucket.blocks[i], delta[r], decay) for r, i in enumerate(positions)
-            )
+            updates.extend(BlockUpdate(bucket.blocks[i], delta[r]) for r, i in enumerate(positions))
         return updates
 
     def _direction(
@@ -674,15 +694,33 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """
         packed = super().state_dict()
         state = packed["state"]
-        for block_state in self._owned_block_states():
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is None or consolidated[0] != self._steps_taken:
+            consolidated = (self._steps_taken, self._all_block_states())
+        for block_state in consolidated[1]:
             for (param_index, key), value in block_state.items():
                 state.setdefault(param_index, {})[key] = value
         return packed
 
-    def _owned_block_states(self) -> Iterator[dict[tuple[int, str], Tensor]]:
-        for bucket in self._buckets:
-            for i, block in enumerate(bucket.blocks):
-                yield _pack_block(block, bucket.records[i], {n: t[i] for n, t in bucket.state.items()})
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collect every rank's block state (a collective), so that a following
+        :meth:`state_dict` on any single rank is complete.
+
+        Lightning calls this on all ranks and then ``state_dict()`` on rank 0 only, the
+        ``ZeroRedundancyOptimizer`` convention. Calling ``state_dict()`` on all ranks
+        (Accelerate) works without it.
+        """
+        self._consolidated = (self._steps_taken, self._all_block_states())
+
+    def _all_block_states(self) -> list[dict[tuple[int, str], Tensor]]:
+        owned = [
+            _pack_block(block, bucket.records[i], {n: t[i] for n, t in bucket.state.items()})
+            for bucket in self._buckets
+            for i, block in enumerate(bucket.blocks)
+        ]
+        if self._router is None or self._router.world_size == 1:
+            return owned
+        return self._router.gather_objects(owned)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved at any world size; validated fully before anything changes."""

@@ -16,11 +16,11 @@ __all__ = ["BlockUpdate", "Router", "LocalRouter", "resolve_router"]
 
 @dataclass
 class BlockUpdate:
-    """What an owner sends for one block: ``W_block <- decay * W_block + delta``."""
+    """What an owner sends for one block: ``W_block <- decay * W_block + delta``, where
+    ``decay = 1 - lr * weight_decay`` of the block's param group (known on every rank)."""
 
     block: Block
-    delta: Tensor  # [rows, cols], state dtype
-    decay: float
+    delta: Tensor  # [rows, cols]
 
 
 class Router:
@@ -41,8 +41,13 @@ class Router:
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
         raise NotImplementedError
 
-    def apply_updates(self, updates: Sequence[BlockUpdate]) -> None:
+    def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
+        """Apply every owner's updates; ``decays[g]`` is param group g's decay factor."""
         raise NotImplementedError
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a collective where there are several)."""
+        return flag
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Concatenate every rank's ``items`` on every rank (identity in one process)."""
@@ -79,14 +84,15 @@ class LocalRouter(Router):
             )
         return grads
 
-    def apply_updates(self, updates: Sequence[BlockUpdate]) -> None:
-        apply_to_params(self._params, self._shapes, updates)
+    def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
+        apply_to_params(self._params, self._shapes, updates, decays)
 
 
 def apply_to_params(
     params: Sequence[Tensor],
     shapes: Sequence[tuple[int, int] | None],
     updates: Sequence[BlockUpdate],
+    decays: Sequence[float],
 ) -> None:
     """Apply block updates to full local parameters (shared by the replicated routers)."""
     by_param: dict[int, list[BlockUpdate]] = {}
@@ -100,24 +106,27 @@ def apply_to_params(
         for update in param_updates:
             b = update.block
             view = matrix[b.row_start : b.row_start + b.rows, b.col_start : b.col_start + b.cols]
-            if update.decay != 1.0:
-                view.mul_(update.decay)
+            decay = decays[b.group_index]
+            if decay != 1.0:
+                view.mul_(decay)
             view.add_(update.delta.to(view.dtype))
         if not param.data.is_contiguous():
             param.data.copy_(matrix.view(param.shape))
 
 
-def resolve_router(distributed: Any) -> Router:
-    """Pick the router: ``None`` -> local; ``"auto"`` -> detect; a process group -> DDP."""
-    if distributed is None:
-        return LocalRouter()
-    if distributed == "auto":
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                from .ddp import ReplicatedRouter
-
-                return ReplicatedRouter(None)
-        return LocalRouter()
+def resolve_router(distributed: Any, communication_dtype: torch.dtype) -> Router:
+    """Pick the router: ``None`` -> local; ``"auto"`` -> DDP-style block ownership when
+    ``torch.distributed`` is initialised with several ranks; a process group -> ownership
+    over that group."""
     from .ddp import ReplicatedRouter
 
-    return ReplicatedRouter(distributed)
+    if distributed is None:
+        return LocalRouter()
+    if isinstance(distributed, str):
+        if distributed != "auto":
+            raise ValueError(f"distributed must be None, 'auto' or a process group, got {distributed!r}")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return ReplicatedRouter(None, communication_dtype)
+        return LocalRouter()
+    return ReplicatedRouter(distributed, communication_dtype)

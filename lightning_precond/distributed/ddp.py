@@ -1,0 +1,127 @@
+"""Replicated data parallelism (DDP, ``accelerate launch``, ``torchrun``): block ownership.
+
+Every rank holds full parameters and identical (all-reduced) gradients. Each block is owned
+by one rank (:func:`~lightning_precond.ownership.assign_owners`); only the owner keeps its
+factors and runs its statistics, refreshes and scaling. The finished updates of all owners
+reach every rank through ONE ``all_gather`` of packed buffers per step.
+
+Packed layout of a rank's buffer (every rank knows every layout, since the plan and the
+owner map are pure functions of the shapes): for each block the rank owns, in plan order,
+one flag (1: updated this step) followed by the ``rows * cols`` update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..blocks import Block, BlockPlan
+from ..ownership import assign_owners
+from .router import BlockUpdate, Router, apply_to_params
+
+__all__ = ["ReplicatedRouter"]
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+class ReplicatedRouter(Router):
+    """Owner-computes routing for replicated parameters; one all-gather per step."""
+
+    def __init__(self, group: Any = None, communication_dtype: torch.dtype = torch.float32) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "distributed=<process group> needs torch.distributed to be initialised first"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.communication_dtype = communication_dtype
+        self.bytes_last_step = 0
+
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+        for p in params:
+            if _is_dtensor(p):
+                raise ValueError(
+                    "parameters are DTensors (FSDP2 / tensor parallel): block routing for "
+                    "sharded parameters is not supported yet; use DDP, or distributed=None to "
+                    "precondition each rank's local shard independently"
+                )
+        self._params = list(params)
+        self._shapes = plan.matrix_shapes
+        self._blocks = plan.blocks
+        owners = assign_owners(plan.blocks, self.world_size)
+        self._owned_by: list[list[Block]] = [[] for _ in range(self.world_size)]
+        for block, owner in zip(plan.blocks, owners):
+            self._owned_by[owner].append(block)
+        sizes = [sum(1 + b.rows * b.cols for b in blocks) for blocks in self._owned_by]
+        self._chunk = max(sizes) if sizes else 0
+        # (block, offset of its update in the gathered buffer) and the offsets of the flags.
+        self._layout: list[tuple[Block, int]] = []
+        flag_positions = []
+        for rank, blocks in enumerate(self._owned_by):
+            offset = rank * self._chunk
+            for block in blocks:
+                flag_positions.append(offset)
+                self._layout.append((block, offset + 1))
+                offset += 1 + block.rows * block.cols
+        self._device = params[0].device if params else torch.device("cpu")
+        self._flag_index = torch.tensor(flag_positions, dtype=torch.long, device=self._device)
+        return owners
+
+    def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
+        grads: list[Tensor | None] = []
+        for block in blocks:
+            grad = self._params[block.param_index].grad
+            if grad is None:
+                grads.append(None)
+                continue
+            shape = self._shapes[block.param_index]
+            assert shape is not None
+            grads.append(
+                grad.reshape(shape)[
+                    block.row_start : block.row_start + block.rows,
+                    block.col_start : block.col_start + block.cols,
+                ]
+            )
+        return grads
+
+    def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
+        if self._chunk == 0:
+            return
+        mine = {u.block.id: u for u in updates}
+        dtype = self.communication_dtype
+        send = torch.zeros(self._chunk, dtype=dtype, device=self._device)
+        offset = 0
+        for block in self._owned_by[self.rank]:
+            update = mine.get(block.id)
+            if update is not None:
+                send[offset] = 1.0
+                send[offset + 1 : offset + 1 + block.rows * block.cols] = update.delta.reshape(-1)
+            offset += 1 + block.rows * block.cols
+        received = torch.empty(self.world_size * self._chunk, dtype=dtype, device=self._device)
+        dist.all_gather_into_tensor(received, send, group=self.group)
+        self.bytes_last_step = received.numel() * received.element_size()
+        # Every rank, the owner included, applies the received values: replicas stay identical.
+        flags = received[self._flag_index].tolist()  # one host sync for all blocks
+        applied = [
+            BlockUpdate(block, received[start : start + block.rows * block.cols].view(block.shape))
+            for (block, start), flag in zip(self._layout, flags)
+            if flag
+        ]
+        apply_to_params(self._params, self._shapes, applied, decays)
+
+    def any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self._device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item() > 0)
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, items, group=self.group)
+        return [item for part in gathered for item in part]
