@@ -106,7 +106,9 @@ class EngineOptions:
                 f"float16), got {self.communication_dtype}"
             )
         if isinstance(self.distributed, str) and self.distributed != "auto":
-            raise ValueError(f"distributed must be None, 'auto' or a process group, got {self.distributed!r}")
+            raise ValueError(
+                f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"
+            )
         if self.max_consecutive_failures < 1:
             raise ValueError(
                 f"max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}"
@@ -273,17 +275,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             return
         params = self._all_params()
         group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
-        plan = plan_blocks(
-            [tuple(p.shape) for p in params],
-            group_of,
-            self.options.max_preconditioner_dim,
-            self.options.precondition_1d,
-        )
         state_dtypes = {self._state_dtype(p) for p in params}
         communication_dtype = self.options.communication_dtype or (
             torch.float64 if torch.float64 in state_dtypes else torch.float32
         )
-        router = resolve_router(self.options.distributed, communication_dtype)
+        router = resolve_router(self.options.distributed, communication_dtype, params)
+        plan = plan_blocks(
+            router.global_shapes(params),
+            group_of,
+            self.options.max_preconditioner_dim,
+            self.options.precondition_1d,
+        )
         owners = router.setup(params, plan)
         grouped: dict[tuple[int, int, int], list[Block]] = {}
         for block, owner in zip(plan.blocks, owners):
@@ -315,8 +317,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._steps_taken += 1
         assert self._router is not None
         work = []
+        # One call for every owned block: routers with collectives make one per step.
+        all_grads = self._router.block_gradients([b for bucket in self._buckets for b in bucket.blocks])
+        offset = 0
         for bucket in self._buckets:
-            grads = self._router.block_gradients(bucket.blocks)
+            grads = all_grads[offset : offset + len(bucket.blocks)]
+            offset += len(bucket.blocks)
             present = [i for i, g in enumerate(grads) if g is not None]
             if not present:
                 continue

@@ -34,6 +34,10 @@ class Router:
     rank: int = 0
     world_size: int = 1
 
+    def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
+        """The full shapes of the parameters, whatever this rank holds of them."""
+        return [tuple(p.shape) for p in params]
+
     def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
         """Bind to the parameters and return the owner of every block."""
         raise NotImplementedError
@@ -114,17 +118,35 @@ def apply_to_params(
             param.data.copy_(matrix.view(param.shape))
 
 
-def resolve_router(distributed: Any, communication_dtype: torch.dtype) -> Router:
-    """Pick the router: ``None`` -> local; ``"auto"`` -> DDP-style block ownership when
-    ``torch.distributed`` is initialised with several ranks; a process group -> ownership
-    over that group."""
+def resolve_router(distributed: Any, communication_dtype: torch.dtype, params: Sequence[Tensor]) -> Router:
+    """Pick the router for ``distributed``:
+
+    * ``None``: single process (each rank, if any, preconditions on its own);
+    * ``"auto"``: FSDP2 when the parameters are DTensors; block ownership over the default
+      group when ``torch.distributed`` runs several ranks; else single process;
+    * a ``torch.nn.Module`` wrapped in FSDP1 (``use_orig_params=True``): FSDP1 routing;
+    * a process group: block ownership over that group.
+    """
     from .ddp import ReplicatedRouter
+    from .fsdp import FSDP1Router, FSDP2Router, is_dtensor, is_fsdp1_flattened
 
     if distributed is None:
         return LocalRouter()
+    if isinstance(distributed, torch.nn.Module):
+        if any(is_fsdp1_flattened(p) for p in params):
+            return FSDP1Router(distributed, params, communication_dtype)
+        distributed = "auto"
     if isinstance(distributed, str):
         if distributed != "auto":
-            raise ValueError(f"distributed must be None, 'auto' or a process group, got {distributed!r}")
+            raise ValueError(f"distributed must be None, 'auto', a module or a process group, got {distributed!r}")
+        if any(is_dtensor(p) for p in params):
+            return FSDP2Router(params, communication_dtype)
+        if any(is_fsdp1_flattened(p) for p in params):
+            raise ValueError(
+                "FSDP1 parameters detected: pass the wrapped module, e.g. "
+                "SOAP(model.parameters(), distributed=model) (in Lightning: "
+                "distributed=self.trainer.strategy.model)"
+            )
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return ReplicatedRouter(None, communication_dtype)
