@@ -121,7 +121,7 @@ def power_step(factor: Tensor, basis: Tensor, sort: bool) -> BasisResult:
 def qr_algorithm(
     factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool
 ) -> BasisResult:
-    """Warm-started (unshifted) QR algorithm, iterated until every matrix of the stack has
+    """Warm-started (unshifted) QR algorithm, iterated on each matrix of the stack until its
     ``staleness <= tolerance`` or ``max_iterations`` is reached.
 
     The convergence test is one host sync per iteration; refreshes are amortized work.
@@ -131,17 +131,22 @@ def qr_algorithm(
     if sort:
         basis, order = _sort_by_rayleigh(factor, basis)
     projected = basis.mT @ factor @ basis
+    # Converged matrices stop iterating, so each factor's result does not depend on which
+    # other factors share its batch (the same on every rank, at every world size).
+    active = staleness(projected) > tolerance
     iterations = 0
     for _ in range(max_iterations):
-        if bool((staleness(projected) <= tolerance).all()):
+        if not bool(active.any()):
             break
         q, r = torch.linalg.qr(projected)
         signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
         signs = torch.where(signs == 0, torch.ones_like(signs), signs)
         q = q * signs.unsqueeze(-2)
         r = r * signs.unsqueeze(-1)
-        projected = r @ q
-        basis = basis @ q
+        keep = active.view(-1, 1, 1)
+        projected = torch.where(keep, r @ q, projected)
+        basis = torch.where(keep, basis @ q, basis)
+        active = active & (staleness(projected) > tolerance)
         iterations += 1
     values = torch.diagonal(projected, dim1=-2, dim2=-1).clone()
     return BasisResult(basis, values, [True] * factor.shape[0], order, iterations)

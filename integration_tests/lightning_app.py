@@ -1,0 +1,55 @@
+"""A tiny LightningModule whose data depend only on (global step, data-parallel part), so
+runs at different world sizes see the same global batches: at world size 2 each rank
+takes one half; at world size 1 the two halves are accumulated (``accumulate_grad_batches=2``),
+which reproduces DDP's averaged gradient bit for bit."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from integration_tests.test_ddp import ALGORITHMS, BATCH, batch, make_model
+
+
+class TinyRegression(L.LightningModule):
+    def __init__(self, algorithm: str = "SOAP", shard: bool = False) -> None:
+        super().__init__()
+        self.algorithm = algorithm
+        self.shard = shard
+        self.net = make_model()
+
+    def configure_model(self) -> None:
+        if not self.shard:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, item: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        world = self.trainer.world_size
+        part = self.global_rank if world > 1 else batch_idx % 2
+        x, y = batch(self.global_step)
+        half = BATCH // 2
+        x, y = x[part * half:(part + 1) * half], y[part * half:(part + 1) * half]
+        loss = ((self.net(x) - y) ** 2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return ALGORITHMS[self.algorithm](self.parameters())
+
+    def train_dataloader(self) -> DataLoader:
+        # The content is unused (see training_step); only its length matters.
+        return DataLoader(torch.arange(4096), batch_size=1)
+
+    def flat_params(self) -> torch.Tensor:
+        full = []
+        for p in self.net.parameters():
+            p = p.full_tensor() if type(p).__name__ == "DTensor" else p
+            full.append(p.detach().reshape(-1))
+        return torch.cat(full)
