@@ -10,6 +10,7 @@ this rank owns and where their updates go; the engine never knows the backend.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from .blocks import Block, BlockPlan, plan_blocks
 from .distributed.router import BlockUpdate, Router, resolve_router
+from .distributed.zero import deepspeed_took_over
 from .eigenbasis import (
     REFRESH_METHODS,
     BasisResult,
@@ -221,8 +223,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.recipe = recipe
         self.options = options
+        # The param-group dicts and their parameters as built (DeepSpeed ZeRO later replaces
+        # the parameters by flat partitions inside the same dicts; see _groups()).
+        self._group_dicts: list[dict[str, Any]] = []
+        self._group_params: list[list[Tensor]] = []
         super().__init__(params, defaults)
         self._plan: BlockPlan | None = None
+        self._planned: list[list[Tensor]] | None = None  # the parameters the plan indexes, per group
+        self._group_of: list[int] = []
+        self._shapes: list[tuple[int, ...]] = []
+        # Vectors held as flat fragments (DeepSpeed ZeRO): param index -> (flat start, AdamW state).
+        self._fragment_state: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._router: Router | None = None
         self._buckets: list[_Bucket] = []
         self._location: dict[str, tuple[_Bucket, int]] = {}
@@ -235,6 +246,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._group_dicts.append(group)
+        self._group_params.append(list(group["params"]))
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError("complex parameters are not supported by preconditioned optimizers")
@@ -262,7 +275,24 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ set-up
     def _all_params(self) -> list[Tensor]:
+        """The parameters the plan indexes (once planned), else those in ``param_groups``."""
+        if self._planned is not None:
+            return [p for group in self._planned for p in group]
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """The param groups that ``Block.group_index`` indexes.
+
+        ``self.param_groups`` except under DeepSpeed ZeRO, which calls ``step()`` with
+        ``param_groups`` cut to one group (ZeRO-1/2) or drops empty groups: there, the dicts
+        as built (DeepSpeed edits them in place, so learning-rate schedules still apply).
+        """
+        if self._router is not None and self._router.flat_partitions:
+            return self._group_dicts
+        return self.param_groups
+
+    def _flat_partitions(self) -> bool:
+        return self._router is not None and self._router.flat_partitions
 
     def _state_dtype(self, param: Tensor) -> torch.dtype:
         if self.options.preconditioner_dtype is not None:
@@ -273,27 +303,38 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """Plan blocks, pick owners and allocate owned state (lazily: backends may swap params)."""
         if self._plan is not None:
             return
-        params = self._all_params()
-        group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
-        state_dtypes = {self._state_dtype(p) for p in params}
+        current = [list(group["params"]) for group in self.param_groups]
+        state_dtypes = {self._state_dtype(p) for group in current for p in group}
         communication_dtype = self.options.communication_dtype or (
             torch.float64 if torch.float64 in state_dtypes else torch.float32
         )
-        router = resolve_router(self.options.distributed, communication_dtype, params)
+        router = resolve_router(
+            self.options.distributed,
+            communication_dtype,
+            [p for group in current for p in group],
+            optimizer=self,
+            original_groups=self._group_params,
+        )
+        self._router = router
+        planned = router.plan_groups(current)
+        params = [p for group in planned for p in group]
+        group_of = [gi for gi, group in enumerate(planned) for _ in group]
+        shapes = router.global_shapes(params)
         plan = plan_blocks(
-            router.global_shapes(params),
+            shapes,
             group_of,
             self.options.max_preconditioner_dim,
             self.options.precondition_1d,
         )
         owners = router.setup(params, plan)
+        self._planned, self._group_of, self._shapes = planned, group_of, shapes
         grouped: dict[tuple[int, int, int], list[Block]] = {}
         for block, owner in zip(plan.blocks, owners):
             if owner == router.rank:
                 grouped.setdefault((block.group_index, *block.shape), []).append(block)
         buckets = []
         for (group_index, m, n), blocks in grouped.items():
-            group = self.param_groups[group_index]
+            group = self._groups()[group_index]
             shapes = {
                 **self.recipe.statistics.state_shapes(m, n),
                 **self.recipe.scaling.state_shapes(m, n, group),
@@ -316,6 +357,27 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._setup()
         self._steps_taken += 1
         assert self._router is not None
+        self._check_not_taken_over()
+        self._router.begin_step(self.param_groups)
+        try:
+            self._step_owned()
+        finally:
+            self._router.end_step()
+        return loss
+
+    def _check_not_taken_over(self) -> None:
+        """Refuse to step when DeepSpeed ZeRO took the parameters over after the plan was made
+        (it would otherwise look like a set of vectors)."""
+        assert self._router is not None
+        if not self._router.flat_partitions and deepspeed_took_over(self._group_params):
+            raise RuntimeError(
+                "DeepSpeed ZeRO took over the parameters after this optimizer planned its blocks (was "
+                "preconditioner_stats(), refresh_eigenbasis() or load_state_dict() called before "
+                "deepspeed.initialize?); build the DeepSpeed engine first"
+            )
+
+    def _step_owned(self) -> None:
+        assert self._router is not None
         work = []
         # One call for every owned block: routers with collectives make one per step.
         all_grads = self._router.block_gradients([b for bucket in self._buckets for b in bucket.blocks])
@@ -336,10 +398,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             flags = finite[offset : offset + len(present)]
             offset += len(present)
             updates.extend(self._step_bucket(bucket, present, stacked, flags))
-        decays = [1.0 - g["lr"] * g["weight_decay"] for g in self.param_groups]
+        decays = [1.0 - g["lr"] * g["weight_decay"] for g in self._groups()]
         self._router.apply_updates(updates, decays)
         self._diagonal_step()
-        return loss
 
     def _check_gradients(self) -> None:
         for group in self.param_groups:
@@ -375,7 +436,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def _step_bucket(
         self, bucket: _Bucket, present: list[int], grads: Tensor, finite: list[bool]
     ) -> list[BlockUpdate]:
-        group = self.param_groups[bucket.group_index]
+        group = self._groups()[bucket.group_index]
         beta = statistics_beta(group)
         records = bucket.records
         for i, ok in zip(present, finite):
@@ -687,7 +748,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (block state and diagonal state)."""
         total = sum(t.numel() * t.element_size() for b in self._buckets for t in b.state.values())
-        for state in self.state.values():
+        states = [*self.state.values(), *(state for _, state in self._fragment_state.values())]
+        for state in states:
             total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
         return total
 
@@ -697,8 +759,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
         Each block's tensors and counters are stored under its parameter's index with keys
         ``"block{b}.{name}"``; keys depend only on block ids, never on ranks.
+
+        Under DeepSpeed ZeRO (which calls this on every rank and saves each rank's) the
+        result is the same as with one process: param groups list the model's parameters and
+        vectors' AdamW state is assembled from every rank's fragments (a collective).
         """
-        packed = super().state_dict()
+        if self._router is None and deepspeed_took_over(self._group_params):
+            self._setup()
+        if self._flat_partitions():
+            packed = self._partitioned_state_dict()
+        else:
+            packed = super().state_dict()
         state = packed["state"]
         consolidated, self._consolidated = self._consolidated, None
         if consolidated is None or consolidated[0] != self._steps_taken:
@@ -707,6 +778,31 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             for (param_index, key), value in block_state.items():
                 state.setdefault(param_index, {})[key] = value
         return packed
+
+    def _partitioned_state_dict(self) -> dict[str, Any]:
+        """``state_dict()``'s param groups and vector state where the backend holds flat fragments."""
+        assert self._planned is not None and self._router is not None
+        groups, first = [], 0
+        for group, params in zip(self._groups(), self._planned):
+            packed = {key: value for key, value in group.items() if key != "params"}
+            packed["params"] = list(range(first, first + len(params)))
+            first += len(params)
+            groups.append(packed)
+        mine = [
+            (index, start, {name: t.detach().clone() for name, t in state.items()})
+            for index, (start, state) in sorted(self._fragment_state.items())
+        ]
+        state: dict[int, dict[str, Tensor]] = {}
+        for index, start, fragment in self._router.gather_objects(mine):
+            shape = self._shapes[index]
+            entry = state.setdefault(index, {"step": fragment["step"]})
+            for name in ("exp_avg", "exp_avg_sq"):
+                full = entry.setdefault(name, torch.zeros(math.prod(shape), dtype=fragment[name].dtype))
+                full[start : start + fragment[name].numel()] = fragment[name]
+        for index, entry in state.items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                entry[name] = entry[name].view(self._shapes[index])
+        return {"state": state, "param_groups": groups}
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collect every rank's block state (a collective), so that a following
@@ -732,16 +828,26 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """Load a state saved at any world size; validated fully before anything changes."""
         self._setup()
         assert self._plan is not None
+        # Saved keys are indices, or FQNs when torch.distributed.checkpoint wrote them; as in
+        # torch.optim, they map to parameters by position in the saved param groups.
+        saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        position = {key: index for index, key in enumerate(saved_keys)}
         blocks_by_param: dict[int, dict[str, dict[str, Tensor]]] = {}
         plain_state: dict[Any, Any] = {}
-        for param_index, entry in state_dict["state"].items():
+        for key, entry in state_dict["state"].items():
             plain, blocks = _split_block_keys(entry)
             if plain:
-                plain_state[param_index] = plain
+                plain_state[key] = plain
             if blocks:
-                blocks_by_param[int(param_index)] = blocks
+                if key not in position:
+                    raise ValueError(f"checkpoint has state for {key!r}, which is in none of its param groups")
+                blocks_by_param[position[key]] = blocks
         self._validate_block_state(blocks_by_param)
-        super().load_state_dict({**state_dict, "state": plain_state})
+        if self._flat_partitions():
+            self._load_partitioned(state_dict, {position[k]: v for k, v in plain_state.items() if k in position})
+        else:
+            super().load_state_dict({**state_dict, "state": plain_state})
+            self._group_dicts = list(self.param_groups)
         if not blocks_by_param:  # saved before the first step: start fresh
             self._plan = None
             self._setup()
@@ -752,6 +858,37 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 for name, tensor in bucket.state.items():
                     tensor[i].copy_(saved[name])
                 bucket.records[i] = _unpack_record(saved)
+
+    def _load_partitioned(self, state_dict: Mapping[str, Any], plain_state: Mapping[int, Mapping[str, Any]]) -> None:
+        """``load_state_dict()``'s hyperparameters and vector fragments under DeepSpeed ZeRO
+        (the param groups hold flat partitions, so ``torch.optim``'s loader cannot map them)."""
+        assert self._planned is not None and self._router is not None
+        saved_groups = state_dict["param_groups"]
+        sizes = [len(group["params"]) for group in saved_groups]
+        expected = [len(params) for params in self._planned]
+        if sizes != expected:
+            raise ValueError(
+                f"checkpoint param groups hold {sizes} parameters, this optimizer's hold {expected} "
+                "(different model or param groups?)"
+            )
+        fragments: dict[int, tuple[int, dict[str, Tensor]]] = {}
+        for index, start, numel in self._router.diagonal_geometry():
+            saved = plain_state.get(index, {})
+            if "exp_avg" not in saved:
+                continue
+            state = {"step": saved["step"].detach().clone().to(torch.float32)}
+            for name in ("exp_avg", "exp_avg_sq"):
+                flat = saved[name].reshape(-1)
+                if flat.numel() != math.prod(self._shapes[index]):
+                    raise ValueError(
+                        f"checkpoint state {name!r} of {self._name_of_index(index)} has {flat.numel()} "
+                        f"elements, expected {math.prod(self._shapes[index])}"
+                    )
+                state[name] = flat[start : start + numel].detach().clone()
+            fragments[index] = (start, state)
+        for group, saved in zip(self._groups(), saved_groups):
+            group.update({key: value for key, value in saved.items() if key not in ("params", "param_names")})
+        self._fragment_state = fragments
 
     def _validate_block_state(self, saved: Mapping[int, Mapping[str, Mapping[str, Tensor]]]) -> None:
         """Raise ValueError naming the parameter unless ``saved`` fits this optimizer's plan.
@@ -782,7 +919,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 )
             for key, block in blocks.items():
                 m, n = block.shape
-                group = self.param_groups[block.group_index]
+                group = self._groups()[block.group_index]
                 shapes = {
                     **self.recipe.statistics.state_shapes(m, n),
                     **self.recipe.scaling.state_shapes(m, n, group),
@@ -801,7 +938,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ diagonal (AdamW)
     def _diagonal_step(self) -> None:
-        assert self._plan is not None
+        assert self._plan is not None and self._router is not None
+        pieces = self._router.diagonal_pieces()
+        if pieces is not None:
+            self._diagonal_fragments_step(pieces)
+            return
         index = 0
         for group in self.param_groups:
             beta1, beta2, eps = self._diagonal_hyperparameters(group)
@@ -815,14 +956,27 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = int(state["step"].item())
-                grad = p.grad
-                state["exp_avg"].lerp_(grad, 1.0 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1.0 - beta1**step))
+                _adamw(p, p.grad, state, group, beta1, beta2, eps)
+
+    def _diagonal_fragments_step(self, pieces: Sequence[Any]) -> None:
+        """AdamW on this rank's fragments of vectors (DeepSpeed ZeRO's flat partitions):
+        elementwise, so each element follows exactly the one-process update."""
+        for piece in pieces:
+            if piece.grad is None or piece.numel == 0:
+                continue
+            group = self._groups()[self._group_of[piece.param_index]]
+            beta1, beta2, eps = self._diagonal_hyperparameters(group)
+            if piece.param_index not in self._fragment_state:
+                self._fragment_state[piece.param_index] = (
+                    piece.flat_start,
+                    {
+                        "step": torch.zeros((), dtype=torch.float32),
+                        "exp_avg": torch.zeros_like(piece.value),
+                        "exp_avg_sq": torch.zeros_like(piece.value),
+                    },
+                )
+            _, state = self._fragment_state[piece.param_index]
+            _adamw(piece.value, piece.grad, state, group, beta1, beta2, eps)
 
     def _diagonal_hyperparameters(self, group: Mapping[str, Any]) -> tuple[float, float, float]:
         """The (beta1, beta2, eps) of the AdamW that vectors and scalars take."""
@@ -839,8 +993,30 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         return "parameter"
 
     def _name_of_index(self, index: int) -> str:
-        params = self._all_params()
-        return self._name(params[index]) if index < len(params) else f"parameter {index}"
+        if self._planned is None:
+            params = self._all_params()
+            return self._name(params[index]) if index < len(params) else f"parameter {index}"
+        position = index
+        for gi, params in enumerate(self._planned):
+            if position < len(params):
+                names = self._groups()[gi].get("param_names")
+                return names[position] if names else f"param group {gi} parameter {position}"
+            position -= len(params)
+        return f"parameter {index}"
+
+
+def _adamw(
+    p: Tensor, grad: Tensor, state: MutableMapping[str, Tensor], group: Mapping[str, Any],
+    beta1: float, beta2: float, eps: float,
+) -> None:
+    """One decoupled-weight-decay Adam step of ``p`` in place (``state``: step, exp_avg, exp_avg_sq)."""
+    state["step"] += 1
+    step = int(state["step"].item())
+    state["exp_avg"].lerp_(grad, 1.0 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (state["exp_avg_sq"].sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
+    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+    p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1.0 - beta1**step))
 
 
 def _stats_order(record: FactorStats) -> tuple[int, int, str]:
