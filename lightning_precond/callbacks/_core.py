@@ -51,10 +51,12 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     and Accelerate's ``AcceleratedOptimizer`` (both ``.optimizer``), in any nesting.
     """
     for _ in range(8):
-        if isinstance(optimizer, PreconditionedOptimizer):
-            return optimizer
+        # LightningOptimizer first: it poses as a subclass of the optimizer it wraps, with
+        # a *copy* of its __dict__, so attributes set through it never reach the optimizer.
         inner = getattr(optimizer, "_optimizer", None)
-        if inner is None or not hasattr(inner, "param_groups"):
+        if inner is None:
+            if isinstance(optimizer, PreconditionedOptimizer):
+                return optimizer
             inner = getattr(optimizer, "optimizer", None)
         if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
             return optimizer
@@ -217,22 +219,24 @@ class RefreshSchedule:
 
 class _StepTracker:
     """Which optimizer steps were completed since the last call (gradient accumulation and
-    several optimizer steps per batch both make the count move by 0 or by more than 1)."""
+    several optimizer steps per batch both make the count move by 0 or by more than 1).
+
+    Before the first call (and without a synced or loaded count) only the given step is
+    new: an object created in the middle of a run does not replay earlier steps.
+    """
 
     def __init__(self) -> None:
-        self.last_step = 0
+        self.last_step: int | None = None
 
-    def sync(self, step: int) -> None:
+    def sync(self, step: int | None) -> None:
         """Start counting from ``step`` (a new or resumed run)."""
-        self.last_step = int(step)
+        self.last_step = None if step is None else int(step)
 
     def new_steps(self, step: int) -> range:
         step = int(step)
-        if step < self.last_step:  # the count was reset (a new run reusing this object)
-            self.last_step = step
-        new = range(max(self.last_step + 1, step - _MAX_LOOKBACK + 1), step + 1)
+        last = step - 1 if self.last_step is None or step < self.last_step else self.last_step
         self.last_step = step
-        return new
+        return range(max(last + 1, step - _MAX_LOOKBACK + 1), step + 1)
 
 
 def _world_size() -> int:
@@ -266,8 +270,9 @@ class _RefreshOwnerCore:
         self.refresh_calls = 0  # number of refresh rounds run
         self.refresh_seconds = 0.0  # wall-clock time spent in those rounds (this rank)
 
-    def attach(self, optimizers: Sequence[PreconditionedOptimizer], owner: object) -> None:
-        """Own the refresh schedule of ``optimizers`` (their own refresh stops).
+    def attach(self, optimizers: Sequence[PreconditionedOptimizer], owner: object) -> list[str]:
+        """Own the refresh schedule of ``optimizers`` (their own refresh stops); returns
+        notes worth a warning (none here).
 
         Raises:
             RuntimeError: if another owner is attached to one of them (nothing stays attached).
@@ -282,6 +287,7 @@ class _RefreshOwnerCore:
                 optimizer.detach_refresh_owner(owner)
             raise
         self._optimizers, self._owner = list(optimizers), owner
+        return []
 
     def detach(self) -> None:
         """Give the schedule back to the optimizers (idempotent)."""
@@ -315,7 +321,7 @@ class _RefreshOwnerCore:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._steps.sync(int(state.get("last_step", 0)))
+        self._steps.sync(state.get("last_step"))
         self.last_refresh_step = int(state.get("last_refresh_step", 0))
         self.refresh_calls = int(state.get("refresh_calls", 0))
         self.refresh_seconds = float(state.get("refresh_seconds", 0.0))
@@ -347,7 +353,7 @@ class ScheduledRefresh(_RefreshOwnerCore):
         super().attach(optimizers, owner)
         self._resolved = [self.schedule.resolve(opt) for opt in optimizers]
         notes: list[str] = []
-        for optimizer, resolved in zip(optimizers, self._resolved):
+        for optimizer, resolved in zip(optimizers, self._resolved, strict=True):
             name = type(optimizer).__name__
             if not self.schedule.resolved and _frequency(optimizer)[1]:
                 notes.append(
@@ -380,7 +386,7 @@ class ScheduledRefresh(_RefreshOwnerCore):
         """
         new = self._steps.new_steps(step)
         calls = []
-        for index, (optimizer, resolved) in enumerate(zip(self._optimizers, self._resolved)):
+        for index, (optimizer, resolved) in enumerate(zip(self._optimizers, self._resolved, strict=True)):
             if any(resolved.should_refresh(s) for s in new):
                 calls.append(_refresh_call(index, optimizer, method=self.method))
         if not calls:
@@ -526,7 +532,7 @@ class StalenessReport:
         return {"last_step": self._steps.last_step, "last_report_step": self.last_report_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._steps.sync(int(state.get("last_step", 0)))
+        self._steps.sync(state.get("last_step"))
         self.last_report_step = int(state.get("last_report_step", 0))
 
 

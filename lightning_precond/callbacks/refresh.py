@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from ._core import AdaptiveRefresh, RefreshSchedule, ScheduledRefresh
+from ._core import AdaptiveRefresh, RefreshSchedule, ScheduledRefresh, _RefreshOwnerCore
 from ._lightning import log_metrics, trainer_optimizers
 
 __all__ = ["RootRecomputeScheduler", "AdaptiveEigenbasisRefresh"]
@@ -27,7 +27,7 @@ __all__ = ["RootRecomputeScheduler", "AdaptiveEigenbasisRefresh"]
 class _RefreshOwnerCallback(Callback):
     """Attach/detach and step bookkeeping shared by the two owners."""
 
-    _core: ScheduledRefresh | AdaptiveRefresh
+    _core: _RefreshOwnerCore
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -134,7 +134,7 @@ class RootRecomputeScheduler(_RefreshOwnerCallback):
         method: str | None = None,
     ) -> None:
         schedule_ = RefreshSchedule(every, warmup_steps=warmup_steps, warmup_every=warmup_every, schedule=schedule)
-        self._core = ScheduledRefresh(schedule_, method)
+        self._core: ScheduledRefresh = ScheduledRefresh(schedule_, method)
 
     @property
     def schedule(self) -> RefreshSchedule:
@@ -182,7 +182,7 @@ class AdaptiveEigenbasisRefresh(_RefreshOwnerCallback):
     """
 
     def __init__(self, tolerance: float = 0.1, check_every: int = 50, method: str = "qr") -> None:
-        self._core = AdaptiveRefresh(tolerance, check_every, method)
+        self._core: AdaptiveRefresh = AdaptiveRefresh(tolerance, check_every, method)
 
     @property
     def refreshed_total(self) -> int:
