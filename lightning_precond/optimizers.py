@@ -32,7 +32,29 @@ def _check_unit_interval(value: float | None, name: str) -> None:
 
 
 class _BasisFirstOptimizer(PreconditionedOptimizer):
-    """Algorithms whose first call builds the basis (SOAP, KL, eigenvalue-corrected)."""
+    """Algorithms whose first call builds the basis (SOAP, KL, eigenvalue-corrected).
+
+    They share their hyperparameters; each preset only sets defaults and its ``RECIPE``.
+    """
+
+    RECIPE: Recipe
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float],
+        shampoo_beta: float | None,
+        eps: float,
+        weight_decay: float,
+        precondition_frequency: int,
+        **options: Any,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+            weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+        )
+        super().__init__(params, defaults, self.RECIPE, EngineOptions(**options))
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         super()._check_group(group)
@@ -68,6 +90,15 @@ class SOAP(_BasisFirstOptimizer):
             return SOAP(self.parameters(), lr=3e-3)
     """
 
+    RECIPE = Recipe(
+        statistics=KroneckerStatistics(),
+        scaling=AdamInBasisScaling(),
+        basis_from_first_gradient=True,
+        decay_after_update=True,
+        sort_on_refresh=True,
+        refresh_method="power",
+    )
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -79,50 +110,24 @@ class SOAP(_BasisFirstOptimizer):
         precondition_frequency: int = 10,
         **options: Any,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-            weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+        super().__init__(
+            params, lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, **options
         )
-        recipe = Recipe(
-            statistics=KroneckerStatistics(),
-            scaling=AdamInBasisScaling(),
-            basis_from_first_gradient=True,
-            decay_after_update=True,
-            sort_on_refresh=True,
-            refresh_method="power",
-        )
-        super().__init__(params, defaults, recipe, EngineOptions(**options))
 
 
-class KLSOAP(_BasisFirstOptimizer):
+class KLSOAP(SOAP):
     """KL-SOAP: SOAP's Adam in the eigenbasis with KL-Shampoo's two-sided factor update
-    (Lin et al. 2025). Arguments as :class:`SOAP`; ``shampoo_beta`` (default ``betas[1]``)
-    drives the factors and the EMA eigenvalues."""
+    (Lin et al. 2025). Arguments and defaults as :class:`SOAP`; ``shampoo_beta`` (default
+    ``betas[1]``) drives the factors and the EMA eigenvalues."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        shampoo_beta: float | None = None,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        **options: Any,
-    ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-            weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-        )
-        recipe = Recipe(
-            statistics=TwoSidedStatistics(),
-            scaling=AdamInBasisScaling(),
-            basis_from_first_gradient=True,
-            decay_after_update=True,
-            sort_on_refresh=True,
-            refresh_method="power",
-        )
-        super().__init__(params, defaults, recipe, EngineOptions(**options))
+    RECIPE = Recipe(
+        statistics=TwoSidedStatistics(),
+        scaling=AdamInBasisScaling(),
+        basis_from_first_gradient=True,
+        decay_after_update=True,
+        sort_on_refresh=True,
+        refresh_method="power",
+    )
 
 
 class KLShampoo(_BasisFirstOptimizer):
@@ -141,6 +146,14 @@ class KLShampoo(_BasisFirstOptimizer):
         Other arguments as :class:`SOAP`.
     """
 
+    RECIPE = Recipe(
+        statistics=TwoSidedStatistics(),
+        scaling=KLEigenvalueScaling(),
+        basis_from_first_gradient=True,
+        sort_on_refresh=False,
+        refresh_method="power",
+    )
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -152,18 +165,9 @@ class KLShampoo(_BasisFirstOptimizer):
         precondition_frequency: int = 10,
         **options: Any,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-            weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+        super().__init__(
+            params, lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, **options
         )
-        recipe = Recipe(
-            statistics=TwoSidedStatistics(),
-            scaling=KLEigenvalueScaling(),
-            basis_from_first_gradient=True,
-            sort_on_refresh=False,
-            refresh_method="power",
-        )
-        super().__init__(params, defaults, recipe, EngineOptions(**options))
 
 
 class EigenvalueCorrectedShampoo(_BasisFirstOptimizer):
@@ -177,6 +181,14 @@ class EigenvalueCorrectedShampoo(_BasisFirstOptimizer):
     say otherwise.
     """
 
+    RECIPE = Recipe(
+        statistics=KroneckerStatistics(),
+        scaling=EigenvalueCorrectedScaling(),
+        basis_from_first_gradient=True,
+        sort_on_refresh=True,
+        refresh_method="eigh",
+    )
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -188,18 +200,9 @@ class EigenvalueCorrectedShampoo(_BasisFirstOptimizer):
         precondition_frequency: int = 10,
         **options: Any,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-            weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+        super().__init__(
+            params, lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, **options
         )
-        recipe = Recipe(
-            statistics=KroneckerStatistics(),
-            scaling=EigenvalueCorrectedScaling(),
-            basis_from_first_gradient=True,
-            sort_on_refresh=True,
-            refresh_method="eigh",
-        )
-        super().__init__(params, defaults, recipe, EngineOptions(**options))
 
 
 class Shampoo(PreconditionedOptimizer):

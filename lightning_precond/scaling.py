@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .eigenbasis import BasisResult

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, Router, apply_to_params
+from .router import BlockUpdate, LocalRouter, apply_to_params
 
 __all__ = ["ReplicatedRouter"]
 
@@ -30,8 +30,11 @@ def _is_dtensor(tensor: Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
-class ReplicatedRouter(Router):
-    """Owner-computes routing for replicated parameters; one all-gather per step."""
+class ReplicatedRouter(LocalRouter):
+    """Owner-computes routing for replicated parameters; one all-gather per step.
+
+    Gradients are read locally as in one process (DDP already averaged them).
+    """
 
     def __init__(self, group: Any = None, communication_dtype: torch.dtype = torch.float32) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -73,23 +76,6 @@ class ReplicatedRouter(Router):
         self._device = params[0].device if params else torch.device("cpu")
         self._flag_index = torch.tensor(flag_positions, dtype=torch.long, device=self._device)
         return owners
-
-    def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
-        grads: list[Tensor | None] = []
-        for block in blocks:
-            grad = self._params[block.param_index].grad
-            if grad is None:
-                grads.append(None)
-                continue
-            shape = self._shapes[block.param_index]
-            assert shape is not None
-            grads.append(
-                grad.reshape(shape)[
-                    block.row_start : block.row_start + block.rows,
-                    block.col_start : block.col_start + block.cols,
-                ]
-            )
-        return grads
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
         if self._chunk == 0:
