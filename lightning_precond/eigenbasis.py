@@ -109,12 +109,20 @@ def _sort_by_rayleigh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def power_step(factor: Tensor, basis: Tensor, sort: bool) -> BasisResult:
-    """SOAP's refresh: optionally sort columns by ``diag(Q^T A Q)``, then ``Q <- qr(A Q).Q``."""
+    """SOAP's refresh: optionally sort columns by ``diag(Q^T A Q)``, then ``Q <- qr(A Q).Q``.
+
+    One ``d^3`` product (``A Q``) serves the Rayleigh quotients, the sort (a column
+    permutation commutes with it) and the QR input. The eigenvalue estimates returned are
+    those Rayleigh quotients, i.e. measured in the basis being replaced.
+    """
+    product = factor @ basis
+    values = (basis * product).sum(dim=-2)
     order = None
     if sort:
-        basis, order = _sort_by_rayleigh(factor, basis)
-    new_basis = torch.linalg.qr(factor @ basis).Q
-    values = rayleigh_diagonal(factor, new_basis)
+        order = torch.argsort(values, dim=-1, descending=True)
+        product = product.gather(-1, order.unsqueeze(-2).expand_as(product))
+        values = values.gather(-1, order)
+    new_basis = torch.linalg.qr(product).Q
     return BasisResult(new_basis, values, [True] * factor.shape[0], order, 1)
 
 
