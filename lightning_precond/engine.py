@@ -319,15 +319,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         planned = router.plan_groups(current)
         params = [p for group in planned for p in group]
         group_of = [gi for gi, group in enumerate(planned) for _ in group]
-        shapes = router.global_shapes(params)
+        global_shapes = router.global_shapes(params)
         plan = plan_blocks(
-            shapes,
+            global_shapes,
             group_of,
             self.options.max_preconditioner_dim,
             self.options.precondition_1d,
         )
         owners = router.setup(params, plan)
-        self._planned, self._group_of, self._shapes = planned, group_of, shapes
+        self._planned, self._group_of, self._shapes = planned, group_of, global_shapes
         grouped: dict[tuple[int, int, int], list[Block]] = {}
         for block, owner in zip(plan.blocks, owners):
             if owner == router.rank:

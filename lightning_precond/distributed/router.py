@@ -33,6 +33,31 @@ class Router:
 
     rank: int = 0
     world_size: int = 1
+    # True where the backend hands step() flat partitions instead of the parameters
+    # (DeepSpeed ZeRO): the engine then plans from the parameters it was built with, keeps
+    # its own references to the param-group dicts, and updates vectors by fragments.
+    flat_partitions: bool = False
+
+    def plan_groups(self, current: list[list[Tensor]]) -> list[list[Tensor]]:
+        """The parameters, per param group, that the block plan indexes (default: ``current``,
+        the params in ``optimizer.param_groups`` at the first step)."""
+        return current
+
+    def begin_step(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Called at the start of ``step()`` with the param groups it was called with."""
+
+    def end_step(self) -> None:
+        """Called at the end of ``step()`` (also when it raised)."""
+
+    def diagonal_pieces(self) -> list[Any] | None:
+        """Where the backend keeps vectors in flat fragments (``flat_partitions``): this rank's
+        :class:`~lightning_precond.distributed.sharded.LocalPiece` s of the vectors stepped now;
+        ``None`` means vectors are whole local parameters."""
+        return None
+
+    def diagonal_geometry(self) -> list[tuple[int, int, int]]:
+        """``(param_index, flat_start, numel)`` of every vector fragment held here (``flat_partitions``)."""
+        return []
 
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
         """The full shapes of the parameters, whatever this rank holds of them."""
@@ -118,9 +143,19 @@ def apply_to_params(
             param.data.copy_(matrix.view(param.shape))
 
 
-def resolve_router(distributed: Any, communication_dtype: torch.dtype, params: Sequence[Tensor]) -> Router:
+def resolve_router(
+    distributed: Any,
+    communication_dtype: torch.dtype,
+    params: Sequence[Tensor],
+    optimizer: Any = None,
+    original_groups: Sequence[Sequence[Tensor]] | None = None,
+) -> Router:
     """Pick the router for ``distributed``:
 
+    * first, DeepSpeed ZeRO (``optimizer`` wrapped by ``deepspeed.initialize``;
+      ``original_groups`` are the params it was built with): ZeRO routing with
+      ``distributed="auto"`` (anything else raises), or an error naming a DeepSpeed set-up
+      that cannot be routed correctly;
     * ``None``: single process (each rank, if any, preconditions on its own);
     * ``"auto"``: FSDP2 when the parameters are DTensors; block ownership over the default
       group when ``torch.distributed`` runs several ranks; else single process;
@@ -130,6 +165,17 @@ def resolve_router(distributed: Any, communication_dtype: torch.dtype, params: S
     from .ddp import ReplicatedRouter
     from .fsdp import FSDP1Router, FSDP2Router, is_dtensor, is_fsdp1_flattened
 
+    if optimizer is not None and original_groups is not None:
+        from .zero import zero_router
+
+        zero = zero_router(optimizer, original_groups, communication_dtype)
+        if zero is not None:
+            if not (isinstance(distributed, str) and distributed == "auto"):
+                raise ValueError(
+                    "under DeepSpeed ZeRO the optimizer routes blocks over DeepSpeed's data-parallel "
+                    f"group; leave distributed='auto' (got {distributed!r})"
+                )
+            return zero
     if distributed is None:
         return LocalRouter()
     if isinstance(distributed, torch.nn.Module):
