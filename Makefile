@@ -9,7 +9,7 @@ PINS := torch==2.13.0 lightning==2.6.6 accelerate==1.15.0 torchmetrics==1.9.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(PINS) -e '.[dev]'
+	$(PY) -m pip install -q $(PINS) -e '.[dev,deepspeed]'
 	touch $@
 
 venv: $(VENV)/.installed
