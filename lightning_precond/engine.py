@@ -25,7 +25,6 @@ from .distributed.router import BlockUpdate, Router, resolve_router
 from .distributed.zero import deepspeed_took_over
 from .eigenbasis import (
     REFRESH_METHODS,
-    BasisResult,
     eigenvalue_staleness,
     eigh_descending,
     power_step,
@@ -240,6 +239,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._refresh_owner: object | None = None
         self._warned_failure = False
         self._steps_taken = 0
+        self._nonzero: list[bool] = []
         self._consolidated: tuple[int, list[dict[tuple[int, str], Tensor]]] | None = None
 
     # ------------------------------------------------------------------ validation
@@ -396,7 +396,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         offset = 0
         for bucket, present, stacked in work:
             flags = finite[offset : offset + len(present)]
+            nonzero = self._nonzero[offset : offset + len(present)]
             offset += len(present)
+            if not all(nonzero):
+                rows = [r for r, used in enumerate(nonzero) if used]
+                present, flags = [present[r] for r in rows], [flags[r] for r in rows]
+                stacked = stacked[rows]
+                if not rows:
+                    continue
             updates.extend(self._step_bucket(bucket, present, stacked, flags))
         decays = [1.0 - g["lr"] * g["weight_decay"] for g in self._groups()]
         self._router.apply_updates(updates, decays)
@@ -420,8 +427,19 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """Whether each block's gradient is finite: one host sync per step, for all blocks.
 
         With ``nonfinite_grad="raise"`` all ranks agree (one tiny all-reduce) and raise together.
+        The same sync records which gradients are all zeros (``self._nonzero``): such a block
+        is treated as having no gradient, since it carries nothing to learn from and would
+        give SOAP a basis of zeros (Lightning's and DCP's zero-gradient, lr-0 initialization
+        step; ZeRO's zero gradients for unused parameters).
         """
-        flags = torch.cat([torch.isfinite(g).flatten(1).all(dim=1) for _, _, g in work]).tolist() if work else []
+        if work:
+            checks = [torch.stack([torch.isfinite(g).flatten(1).all(dim=1), g.flatten(1).ne(0).any(dim=1)])
+                      for _, _, g in work]
+            finite, nonzero = torch.cat(checks, dim=1).tolist()
+        else:
+            finite, nonzero = [], []
+        flags = finite
+        self._nonzero = nonzero
         if self.options.nonfinite_grad == "raise" and self._router_any(not all(flags)):
             blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
             bad = [b for b, ok in zip(blocks, flags) if not ok]
@@ -498,10 +516,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         step: int,
         group: Mapping[str, Any],
     ) -> None:
-        if self._refresh_owner is not None:
-            return
         start = 0 if self.recipe.basis_from_first_gradient else group["start_preconditioning_step"]
         if step < start:
+            return
+        if self._refresh_owner is not None:
+            # The owner schedules refreshes, but roots must exist once preconditioning starts.
+            for side in SIDES:
+                rows = [r for r, i in enumerate(positions) if bucket.records[i].sides[side].refreshes == 0]
+                if rows:
+                    with _selected(state, rows, len(positions)) as sub:
+                        chosen = [positions[r] for r in rows]
+                        self._refresh_sides(bucket, chosen, sub, self._method(), (side,), step)
             return
         if self.options.refresh == "periodic":
             if (step - start) % group["precondition_frequency"] == 0:

@@ -317,3 +317,39 @@ def test_state_bytes_counts_kl_shampoo_below_soap():
     train(model, soap, 1)
     train(model, kl, 1)
     assert 0 < kl.state_bytes() < soap.state_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_zero_gradient_lr0_step_leaves_no_trace(algorithm):
+    """Lightning's / DCP's _init_optim_state steps once with zero gradients and lr 0."""
+
+    def bias_free() -> torch.nn.Module:  # vectors follow torch's AdamW, whose step count advances
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 16, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 4, bias=False))
+
+    model, reference_model = bias_free(), bias_free()
+    opt, reference = algorithm(model.parameters()), algorithm(reference_model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    assert all(not r.initialized and r.step == 0 for b in opt._buckets for r in b.records)
+    train(model, opt, 5)
+    train(reference_model, reference, 5)
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_shampoo_under_an_owner_still_gets_roots_when_preconditioning_starts():
+    model = small_model()
+    opt = lp.Shampoo(model.parameters(), precondition_frequency=100, start_preconditioning_step=3)
+    opt.attach_refresh_owner(object())
+    train(model, opt, 2)
+    assert all(s.refresh_count == 0 for s in opt.preconditioner_stats())
+    train(model, opt, 5)
+    assert all(s.refresh_count == 1 for s in opt.preconditioner_stats())
