@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, LocalRouter, apply_to_params
+from .router import BlockUpdate, GroupCollectives, LocalRouter, apply_to_params
 
 __all__ = ["ReplicatedRouter"]
 
@@ -30,7 +30,7 @@ def _is_dtensor(tensor: Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
-class ReplicatedRouter(LocalRouter):
+class ReplicatedRouter(GroupCollectives, LocalRouter):
     """Owner-computes routing for replicated parameters; one all-gather per step.
 
     Gradients are read locally as in one process (DDP already averaged them).
@@ -102,12 +102,3 @@ class ReplicatedRouter(LocalRouter):
         ]
         apply_to_params(self._params, self._shapes, applied, decays)
 
-    def any_rank(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0], device=self._device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(value.item() > 0)
-
-    def gather_objects(self, items: list[Any]) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, items, group=self.group)
-        return [item for part in gathered for item in part]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 
-__all__ = ["BlockUpdate", "Router", "LocalRouter", "resolve_router"]
+__all__ = ["BlockUpdate", "Router", "LocalRouter", "GroupCollectives", "resolve_router"]
 
 
 @dataclass
@@ -85,6 +85,23 @@ class Router:
 
 def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:
     return param.view(shape) if param.is_contiguous() else param.reshape(shape)
+
+
+class GroupCollectives:
+    """``gather_objects`` and ``any_rank`` over ``self.group``, for routers with several ranks."""
+
+    group: Any = None
+    world_size: int = 1
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, items, group=self.group)
+        return [item for part in gathered for item in part]
+
+    def any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(value.item() > 0)
 
 
 class LocalRouter(Router):

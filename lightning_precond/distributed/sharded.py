@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, Router
+from .router import BlockUpdate, GroupCollectives, Router
 
 __all__ = ["LocalPiece", "ShardedRouter"]
 
@@ -97,7 +97,7 @@ def _run_indices(indices: Tensor, segment: _Segment) -> Tensor:
     return indices[segment.block_offset : segment.block_offset + segment.length]
 
 
-class ShardedRouter(Router):
+class ShardedRouter(GroupCollectives, Router):
     """Owner-computes routing over flat-range pieces; subclasses say where the pieces are."""
 
     def __init__(self, group: Any = None, communication_dtype: torch.dtype = torch.float32) -> None:
@@ -276,12 +276,3 @@ class ShardedRouter(Router):
             lo, hi = starts[i], starts[i + 1]
             piece.value.mul_(decay[lo:hi].to(piece.value.dtype)).add_(delta[lo:hi].to(piece.value.dtype))
 
-    def gather_objects(self, items: list[Any]) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, items, group=self.group)
-        return [item for part in gathered for item in part]
-
-    def any_rank(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(value.item() > 0)

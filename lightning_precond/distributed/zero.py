@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, Router
+from .router import BlockUpdate, GroupCollectives, Router
 from .sharded import LocalPiece, ShardedRouter
 
 __all__ = ["SUPPORTED_DEEPSPEED_VERSIONS", "ZeroRouter", "deepspeed_took_over", "zero_router"]
@@ -249,7 +249,7 @@ class _UnitRouter(ShardedRouter):
         self._build_receive(plan, everyone)
 
 
-class ZeroRouter(Router):
+class ZeroRouter(GroupCollectives, Router):
     """Routes ZeRO-1/2/3 flat-partition fragments to block owners, one (sub-)group per ``step()``."""
 
     flat_partitions = True
@@ -426,12 +426,3 @@ class ZeroRouter(Router):
     def end_step(self) -> None:
         self._active = None
 
-    def gather_objects(self, items: list[Any]) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, items, group=self.group)
-        return [item for part in gathered for item in part]
-
-    def any_rank(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(value.item() > 0)
