@@ -119,27 +119,49 @@ class ShardedRouter(GroupCollectives, Router):
 
     # -- set-up -----------------------------------------------------------------------
     def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+        owners = assign_owners(plan.blocks, self.world_size)
+        self.bind(params, plan, owners, range(len(plan.blocks)))
+        return owners
+
+    def bind(self, params: Sequence[Tensor], plan: BlockPlan, owners: list[int], blocks: Sequence[int]) -> None:
+        """Build the routes for ``blocks`` (indices into ``plan.blocks``) under the owner map
+        of the whole plan (ZeRO binds one router per flat partition)."""
         self._params = list(params)
         self._plan = plan
-        owners = assign_owners(plan.blocks, self.world_size)
         self._owners = owners
         pieces = self.local_pieces()
         mine = [(p.param_index, p.flat_start, p.numel) for p in pieces]
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
         self._piece_sizes = [p.numel for p in pieces]
-        self._piece_starts = torch.tensor([0, *torch.tensor(self._piece_sizes).cumsum(0).tolist()])
-        owned = [b for b, o in enumerate(owners) if o == self.rank]
-        self._owned = owned
+        self._piece_starts = torch.tensor([0, *torch.tensor(self._piece_sizes, dtype=torch.long).cumsum(0).tolist()])
+        self._owned = [b for b in blocks if owners[b] == self.rank]
         self._owned_offsets: dict[int, int] = {}
         total = 0
-        for b in owned:
+        for b in self._owned:
             self._owned_offsets[b] = total
             total += plan.blocks[b].rows * plan.blocks[b].cols
         self._owned_numel = total
         self._build_send(plan, pieces, mine)
         self._build_receive(plan, everyone)
-        return owners
+        self._index_of = {block.id: i for i, block in enumerate(plan.blocks)}
+        self._to_device(pieces[0].value.device if pieces else torch.device("cpu"))
+
+    def _to_device(self, device: torch.device) -> None:
+        """Turn the masks into index tensors on the pieces' device, once."""
+        lengths = torch.tensor([s.length for s in self._send_segments], dtype=torch.long)
+        values_at = self._send_value_mask.nonzero().squeeze(-1)
+        self._send_values_at = values_at.to(device)
+        self._send_local = self._send_index[values_at].to(device)
+        self._send_value_segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+        self._segment_group = torch.tensor(
+            [self._plan.blocks[s.block_index].group_index for s in self._send_segments], dtype=torch.long
+        ).to(device)
+        self._send_gather = self._send_index.clamp_min(0).to(device)
+        self._send_flag_slots = self._send_flag_slots.to(device)
+        self._recv_values_at = self._recv_value_mask.nonzero().squeeze(-1).to(device)
+        self._recv_positions = self._recv_positions.to(device)
+        self._recv_flag_slots = self._recv_flag_slots.to(device)
 
     def _build_send(self, plan: BlockPlan, pieces: list[LocalPiece], mine: list[tuple[int, int, int]]) -> None:
         """Where each element this rank sends comes from in its concatenated local pieces."""
@@ -215,20 +237,19 @@ class ShardedRouter(GroupCollectives, Router):
         present = torch.tensor(
             [pieces[s.piece].grad is not None for s in self._send_segments], dtype=dtype, device=device
         )
-        send = local[self._send_index.clamp_min(0).to(device)]
-        send[self._send_flag_slots.to(device)] = present
+        send = local[self._send_gather]
+        send[self._send_flag_slots] = present
         received = self._exchange(send, self._send_splits, self._recv_splits)
         owned = torch.zeros(self._owned_numel, dtype=dtype, device=device)
-        owned[self._recv_positions.to(device)] = received[self._recv_value_mask.to(device)]
-        flags = received[self._recv_flag_slots.to(device)].tolist()  # one host sync
+        owned[self._recv_positions] = received[self._recv_values_at]
+        flags = received[self._recv_flag_slots].tolist()  # one host sync: which blocks have gradients
         has_grad = {b: False for b in self._owned}
         for b, flag in zip(self._recv_flag_blocks, flags):
             has_grad[b] = has_grad[b] or bool(flag)
         self._owned_buffer = owned
         out: list[Tensor | None] = []
-        index_of = {block.id: i for i, block in enumerate(self._plan.blocks)}
         for block in blocks:
-            b = index_of[block.id]
+            b = self._index_of[block.id]
             if not has_grad.get(b, False):
                 out.append(None)
                 continue
@@ -240,36 +261,30 @@ class ShardedRouter(GroupCollectives, Router):
         device = self._owned_buffer.device
         dtype = self.communication_dtype
         owned = torch.zeros(self._owned_numel, dtype=dtype, device=device)
-        index_of = {block.id: i for i, block in enumerate(self._plan.blocks)}
         updated: set[int] = set()
         for update in updates:
-            b = index_of[update.block.id]
+            b = self._index_of[update.block.id]
             start = self._owned_offsets[b]
             owned[start : start + update.delta.numel()] = update.delta.reshape(-1)
             updated.add(b)
         # Back along the reversed routes: what came from rank s goes back to rank s.
         send = torch.empty(sum(self._recv_splits), dtype=dtype, device=device)
-        send[self._recv_value_mask.to(device)] = owned[self._recv_positions.to(device)]
-        send[self._recv_flag_slots.to(device)] = torch.tensor(
+        send[self._recv_values_at] = owned[self._recv_positions]
+        send[self._recv_flag_slots] = torch.tensor(
             [b in updated for b in self._recv_flag_blocks], dtype=dtype, device=device
         )
         received = self._exchange(send, self._recv_splits, self._send_splits)
-        flags = received[self._send_flag_slots.to(device)].tolist()  # one host sync
+        # Decay only the elements of updated blocks; all index work stays on the device.
+        updated_segment = received[self._send_flag_slots] > 0
+        group_decay = torch.tensor(list(decays), dtype=dtype, device=device)[self._segment_group]
+        segment_decay = torch.where(updated_segment, group_decay, torch.ones_like(group_decay))
         pieces = self._pieces
         starts = self._piece_starts.tolist()
         total = starts[-1]
         delta = torch.zeros(total + 1, dtype=dtype, device=device)
         decay = torch.ones(total + 1, dtype=dtype, device=device)
-        index = self._send_index.to(device)
-        value_mask = self._send_value_mask.to(device)
-        delta[index[value_mask]] = received[value_mask]
-        position = 0
-        for segment, flag in zip(self._send_segments, flags):
-            if flag:
-                group = self._plan.blocks[segment.block_index].group_index
-                run = index[position + 1 : position + 1 + segment.length]
-                decay[run] = decays[group]
-            position += 1 + segment.length
+        delta[self._send_local] = received[self._send_values_at]
+        decay[self._send_local] = segment_decay[self._send_value_segment]
         for i, piece in enumerate(pieces):
             if piece.numel == 0:
                 continue

@@ -226,28 +226,6 @@ class _UnitRouter(ShardedRouter):
             for f in self._fragments
         ]
 
-    def bind(self, params: Sequence[Tensor], plan: BlockPlan, owners: list[int], blocks: Sequence[int]) -> None:
-        """:meth:`ShardedRouter.setup` for the given ``blocks`` (indices into ``plan.blocks``)
-        only, with the owner map of the whole plan."""
-        self._params = list(params)
-        self._plan = plan
-        self._owners = owners
-        pieces = self.local_pieces()
-        mine = [(p.param_index, p.flat_start, p.numel) for p in pieces]
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
-        self._piece_sizes = [p.numel for p in pieces]
-        self._piece_starts = torch.tensor([0, *torch.tensor(self._piece_sizes, dtype=torch.long).cumsum(0).tolist()])
-        self._owned = [b for b in blocks if owners[b] == self.rank]
-        self._owned_offsets = {}
-        total = 0
-        for b in self._owned:
-            self._owned_offsets[b] = total
-            total += plan.blocks[b].rows * plan.blocks[b].cols
-        self._owned_numel = total
-        self._build_send(plan, pieces, mine)
-        self._build_receive(plan, everyone)
-
 
 class ZeroRouter(GroupCollectives, Router):
     """Routes ZeRO-1/2/3 flat-partition fragments to block owners, one (sub-)group per ``step()``."""
