@@ -33,6 +33,7 @@ ALGORITHMS = {
     "SOAP": lp.SOAP,
     "Shampoo": lp.Shampoo,
     "KLShampoo": lp.KLShampoo,
+    "AdamW": torch.optim.AdamW,  # the baseline: what each backend costs without us
 }
 
 
@@ -65,7 +66,8 @@ def _worker(rank: int, world: int, backend: str, name: str, cfg: dict, out: str)
 
         net = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True,
                    auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
-        kwargs["distributed"] = net
+        if name != "AdamW":
+            kwargs["distributed"] = net
     opt = ALGORITHMS[name](net.parameters(), lr=1e-3, **kwargs)
     gen = torch.Generator().manual_seed(rank)
     batch = cfg["batch"] // world
@@ -82,8 +84,12 @@ def _worker(rank: int, world: int, backend: str, name: str, cfg: dict, out: str)
             times.append(time.perf_counter() - start)
     result = {
         "median_ms": 1000 * statistics.median(times),
-        "comm_bytes": getattr(opt._router, "bytes_last_step", 0),
-        "state_bytes": opt.state_bytes(),
+        "comm_bytes": getattr(getattr(opt, "_router", None), "bytes_last_step", 0),
+        "state_bytes": opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
+            t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+            if isinstance(t, torch.Tensor) and type(t).__name__ != "DTensor") + sum(
+            t.to_local().numel() * t.element_size() for st in opt.state.values() for t in st.values()
+            if type(t).__name__ == "DTensor"),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     torch.save(result, Path(out) / f"{backend}{world}_rank{rank}.pt")
