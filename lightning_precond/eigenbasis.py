@@ -70,36 +70,52 @@ def eigenvalue_staleness(in_use: Tensor, current: Tensor) -> Tensor:
 def eigh_descending(factor: Tensor, previous: Tensor) -> BasisResult:
     """Exact eigendecomposition of a stack; a failed matrix keeps ``previous``.
 
-    Tries the factor's dtype on the whole batch, then float64 on the whole batch, then
-    float64 matrix by matrix to isolate failures.
+    Each matrix is scaled by its largest entry first (factors of nearly-zero gradients
+    reach 1e-9 and below, where float32 LAPACK has returned NaN without raising). A matrix
+    whose result is not finite, or whose batch raised, is redone in float64, matrix by
+    matrix; one that fails there too is reported in ``ok``.
     """
-    dtype = factor.dtype
+    dtype, k = factor.dtype, factor.shape[0]
+    scale = factor.abs().amax(dim=(-2, -1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    normalized = factor / scale[:, None, None]
     try:
-        values, vectors = torch.linalg.eigh(factor)
-        ok = [True] * factor.shape[0]
+        values, vectors = torch.linalg.eigh(normalized)
+        finite = torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(-1)
+        redo = [i for i, good in enumerate(finite.tolist()) if not good]
     except torch.linalg.LinAlgError:
-        values, vectors, ok = _eigh_float64(factor, previous)
+        values = torch.zeros(normalized.shape[:-1], dtype=dtype, device=factor.device)
+        vectors = previous.flip(-1).clone()
+        redo = list(range(k))
+    ok = [True] * k
+    if redo:
+        index = torch.tensor(redo, device=factor.device)
+        wide_values, wide_vectors, wide_ok = _eigh_float64(normalized[index], previous[index])
+        values = values.index_copy(0, index, wide_values.to(dtype))
+        vectors = vectors.index_copy(0, index, wide_vectors.to(dtype))
+        for i, good in zip(redo, wide_ok):
+            ok[i] = good
+    values = values * scale[:, None]
     return BasisResult(vectors.flip(-1).to(dtype), values.flip(-1).to(dtype), ok)
 
 
 def _eigh_float64(factor: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, list[bool]]:
     wide = factor.to(torch.float64)
-    try:
-        values, vectors = torch.linalg.eigh(wide)
-        return values, vectors, [True] * factor.shape[0]
-    except torch.linalg.LinAlgError:
-        pass
     values = torch.zeros(wide.shape[:-1], dtype=torch.float64, device=wide.device)
     # Failed entries keep the previous basis; flipped here because the caller flips back.
     vectors = previous.to(torch.float64).flip(-1).clone()
     ok = []
     for i in range(wide.shape[0]):
         try:
-            values[i], vectors[i] = torch.linalg.eigh(wide[i])
-            ok.append(True)
+            matrix_values, matrix_vectors = torch.linalg.eigh(wide[i])
+            good = bool(torch.isfinite(matrix_values).all() and torch.isfinite(matrix_vectors).all())
         except torch.linalg.LinAlgError:
+            good = False
+        if good:
+            values[i], vectors[i] = matrix_values, matrix_vectors
+        else:
             values[i] = rayleigh_diagonal(wide[i], vectors[i])
-            ok.append(False)
+        ok.append(good)
     return values, vectors, ok
 
 
