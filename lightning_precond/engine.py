@@ -235,11 +235,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._fragment_state: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._router: Router | None = None
         self._buckets: list[_Bucket] = []
-        self._location: dict[str, tuple[_Bucket, int]] = {}
         self._refresh_owner: object | None = None
         self._warned_failure = False
         self._steps_taken = 0
-        self._nonzero: list[bool] = []
         self._consolidated: tuple[int, list[dict[tuple[int, str], Tensor]]] | None = None
 
     # ------------------------------------------------------------------ validation
@@ -344,7 +342,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             self.recipe.statistics.initial_values(bucket.state)
             buckets.append(bucket)
         self._plan, self._router, self._buckets = plan, router, buckets
-        self._location = {b.id: (bucket, i) for bucket in buckets for i, b in enumerate(bucket.blocks)}
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -391,12 +388,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             dtype = next(iter(bucket.state.values())).dtype
             stacked = torch.stack([grads[i] for i in present]).to(dtype)  # type: ignore[misc]
             work.append((bucket, present, stacked))
-        finite = self._finite_flags(work)
+        finite, used = self._gradient_flags(work)
         updates: list[BlockUpdate] = []
         offset = 0
         for bucket, present, stacked in work:
             flags = finite[offset : offset + len(present)]
-            nonzero = self._nonzero[offset : offset + len(present)]
+            nonzero = used[offset : offset + len(present)]
             offset += len(present)
             if not all(nonzero):
                 rows = [r for r, used in enumerate(nonzero) if used]
@@ -423,14 +420,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         assert self._router is not None
         return self._router.any_rank(flag)
 
-    def _finite_flags(self, work: list[tuple[_Bucket, list[int], Tensor]]) -> list[bool]:
-        """Whether each block's gradient is finite: one host sync per step, for all blocks.
+    def _gradient_flags(self, work: list[tuple[_Bucket, list[int], Tensor]]) -> tuple[list[bool], list[bool]]:
+        """Whether each block's gradient is finite, and whether it is not all zeros: one host
+        sync per step, for all blocks.
 
         With ``nonfinite_grad="raise"`` all ranks agree (one tiny all-reduce) and raise together.
-        The same sync records which gradients are all zeros (``self._nonzero``): such a block
-        is treated as having no gradient, since it carries nothing to learn from and would
-        give SOAP a basis of zeros (Lightning's and DCP's zero-gradient, lr-0 initialization
-        step; ZeRO's zero gradients for unused parameters).
+        A block whose gradient is all zeros is treated as having no gradient: it carries
+        nothing to learn from and would give SOAP a basis of zeros (Lightning's and DCP's
+        zero-gradient, lr-0 initialization step; ZeRO's zero gradients for unused parameters).
         """
         if work:
             checks = [torch.stack([torch.isfinite(g).flatten(1).all(dim=1), g.flatten(1).ne(0).any(dim=1)])
@@ -438,18 +435,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             finite, nonzero = torch.cat(checks, dim=1).tolist()
         else:
             finite, nonzero = [], []
-        flags = finite
-        self._nonzero = nonzero
-        if self.options.nonfinite_grad == "raise" and self._router_any(not all(flags)):
+        if self.options.nonfinite_grad == "raise" and self._router_any(not all(finite)):
             blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
-            bad = [b for b, ok in zip(blocks, flags) if not ok]
+            bad = [b for b, ok in zip(blocks, finite) if not ok]
             names = ", ".join(f"{self._name_of_index(b.param_index)} block {b.id}" for b in bad[:5])
             names = names or "a block owned by another rank"
             raise FloatingPointError(
                 f"non-finite gradient in {names} (nonfinite_grad='raise'); "
                 "use nonfinite_grad='skip' to skip such blocks instead"
             )
-        return flags
+        return finite, nonzero
 
     def _step_bucket(
         self, bucket: _Bucket, present: list[int], grads: Tensor, finite: list[bool]
