@@ -37,6 +37,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning_precond as lp  # noqa: E402
+from benchmarks.distributed import make_model  # noqa: E402  (the same model as DDP/FSDP)
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3")
 OPTIMIZERS = ("SOAP", "AdamW")
@@ -125,15 +126,6 @@ def _patch_collectives() -> None:
 
             counted._counted = True  # type: ignore[attr-defined]
             setattr(module, name, counted)
-
-
-def make_model(width: int, depth: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = [torch.nn.Linear(64, width), torch.nn.GELU()]
-    for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.GELU()]
-    layers.append(torch.nn.Linear(width, 10))
-    return torch.nn.Sequential(*layers)
 
 
 def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
