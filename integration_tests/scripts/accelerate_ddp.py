@@ -55,6 +55,7 @@ def main() -> None:
         torch.save(params, out / "params.pt")
         (out / "processes.txt").write_text(f"{accelerator.num_processes} {accelerator.distributed_type}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group in order (gloo can abort at exit)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save(params, out / "params.pt")
         (out / "world.txt").write_text(str(trainer.world_size))
+    # Tear the process group down in order: left to interpreter exit, torch 2.13's gloo
+    # sometimes aborts ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
