@@ -50,7 +50,6 @@ class LocalPiece:
 class _Segment:
     block_index: int  # position in plan.blocks
     piece: int  # index into the holder's piece list
-    piece_offset: int  # first element inside the piece
     block_offset: int  # first element inside the block buffer (row-major)
     length: int
 
@@ -84,10 +83,8 @@ def _segments(
         for piece, start, numel in by_param.get(block.param_index, []):
             lo = int(torch.searchsorted(indices, start))
             hi = int(torch.searchsorted(indices, start + numel))
-            if hi > lo:
-                offset = int(indices[lo]) - start
-                # The run is contiguous in the block; inside the piece it strides by rows.
-                found.append(_Segment(b, piece, offset, lo, hi - lo))
+            if hi > lo:  # contiguous in the block; inside the piece it strides by rows
+                found.append(_Segment(b, piece, lo, hi - lo))
         out.append(found)
     return out
 
