@@ -274,10 +274,11 @@ def test_zero_stage_equals_one_process(stage, tmp_path):
     assert client[0]["state"].keys() == client[1]["state"].keys()
     for index, entry in client[0]["state"].items():
         other = client[1]["state"][index]
-        assert entry.keys() == other.keys() and all(torch.equal(entry[k], other[k]) for k in entry)
-    bias = client[0]["state"][4]  # first vector: AdamW state shaped like the parameter
+        for name, part in entry.items():  # "adamw" or "block{b}": dicts of tensors
+            assert part.keys() == other[name].keys() and all(torch.equal(part[k], other[name][k]) for k in part)
+    bias = client[0]["state"][4]["adamw"]  # first vector: AdamW state shaped like the parameter
     assert bias["exp_avg"].shape == (23,) and int(bias["step"]) == RESUME_AT
-    assert "block0.factor_left" in client[0]["state"][0]
+    assert "factor_left" in client[0]["state"][0]["block0"]
     at_resume, single = resumed_in_one_process(client[0])
     assert _relative(single, ranks[0]["SOAP"]) <= 1e-5
     # DeepSpeed's own fp32 export still reads these checkpoints.

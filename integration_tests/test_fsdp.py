@@ -103,35 +103,161 @@ def test_two_sharded_ranks_equal_one_process(backend, name, tmp_path):
     print(f"{backend} {name}: all-to-all bytes per step (rank 0) {ranks[0]['comm']}")
 
 
-def _fsdp1_resume_worker(rank: int, world: int, name: str, out: str) -> None:
-    """FSDP1 checkpoints go through our own consolidated state dict (FSDP1's
-    optim_state_dict flattens every tensor of a parameter's state, Kronecker factors too)."""
+def _fsdp1(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrapped as Lightning's FSDPStrategy does (use_orig_params=True), a unit per Linear, so
+    each unit holds a matrix (blocks) and a vector (AdamW)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    def build():
-        model = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=True,
-                     auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
-        return model, ALGORITHMS[name](model.parameters(), distributed=model)
+    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=True,
+                auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
 
-    model, opt = build()
+
+def save_checkpoint(api: str, model, opt, path: Path) -> None:
+    """The users' tools: FSDP1's full optimizer state dict (what Lightning's FSDPStrategy
+    saves by default) or torch.distributed.checkpoint's state-dict API (sharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if api == "fsdp_full":
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                                  FullOptimStateDictConfig(rank0_only=True)):
+            state = {"model": model.state_dict(), "optim": FSDP.optim_state_dict(model, opt)}
+        if dist.get_rank() == 0:
+            torch.save(state, path / "full.pt")
+    else:
+        model_state, optim_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
+
+
+def load_checkpoint(api: str, model, opt, path: Path, fsdp: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if api == "fsdp_full":
+        state = torch.load(path / "full.pt", weights_only=False)
+        if not fsdp:  # a full checkpoint is a plain one
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
+            return
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False),
+                                  FullOptimStateDictConfig(rank0_only=False)):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, state["optim"]))
+        return
+    model_state, optim_state = get_state_dict(model, opt)  # the template: what this rank needs
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def _fsdp1_checkpoint_worker(rank: int, world: int, name: str, api: str, phase: str, out: str) -> None:
+    model = _fsdp1(make_model())
+    opt = ALGORITHMS[name](model.parameters(), distributed=model)
+    if phase == "save":
+        train_shard(model, opt, range(STEPS // 2), rank, world)
+        local = opt.state_dict()  # the per-rank input of FSDP's API: what this rank holds
+        held = {index for index, _, numel in opt._router._geometry_of_all_ranks(opt._router.local_pieces())[rank]
+                if numel > 0} | {index for index, _, _ in opt._router.diagonal_geometry()}
+        entries = sorted((index, key) for index, entry in local["state"].items() for key in entry)
+        torch.save({"entries": entries, "held": held}, Path(out) / f"local_rank{rank}.pt")
+        save_checkpoint(api, model, opt, Path(out))
+        return
+    load_checkpoint(api, model, opt, Path(out), fsdp=True)
+    train_shard(model, opt, range(STEPS // 2, STEPS), rank, world)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model):
+        full = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    torch.save({"params": full, "world": dist.get_world_size()}, Path(out) / f"resumed_rank{rank}.pt")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+def _one_process(name: str, steps: range, path: Path, load: str | None = None, save: bool = False) -> torch.Tensor:
+    """One process, no FSDP, the gradients of 2 data-parallel ranks."""
+    model = make_model()
+    opt = ALGORITHMS[name](model.parameters())
+    if load is not None:
+        load_checkpoint(load, model, opt, path, fsdp=False)
+    with single_thread():
+        train_like_ddp(_Slice16(model), opt, steps, 2)
+    if save:
+        save_checkpoint("dcp", model, opt, path)
+    return flat_params(model)
+
+
+@pytest.mark.parametrize("api", ["fsdp_full", "dcp"])
+@pytest.mark.parametrize("name", ["SOAP", "KLShampoo"])
+def test_fsdp1_checkpoint_resumes_at_two_and_one_ranks(name, api, tmp_path):
+    """Saved at 2 FSDP1 ranks through FSDP's / DCP's API, resumed at 2 ranks and in one
+    process: both continue like the uninterrupted run."""
+    launch(_fsdp1_checkpoint_worker, 2, name, api, "save", str(tmp_path))
+    local = [torch.load(tmp_path / f"local_rank{rank}.pt") for rank in range(2)]
+    # Sharded by whole blocks: each block (and each vector) saved by exactly one rank, one
+    # that holds a piece of its parameter (FSDP hands an entry back only to those).
+    entries = [set(part["entries"]) for part in local]
+    assert not entries[0] & entries[1] and entries[0] and entries[1]
+    assert {i for i, _ in entries[0] | entries[1]} == set(range(8))
+    for part in local:
+        assert {index for index, _ in part["entries"]} <= part["held"]
+    launch(_fsdp1_checkpoint_worker, 2, name, api, "resume", str(tmp_path))
+    expected = reference(name)
+    for rank in range(2):
+        resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt")
+        assert resumed["world"] == 2
+        assert _relative(resumed["params"], expected) <= 1e-5, f"rank {rank} resumed at 2 ranks"
+    single = _one_process(name, range(STEPS // 2, STEPS), tmp_path, load=api)
+    assert _relative(single, expected) <= 1e-5, "resumed in one process"
+
+
+def test_fsdp1_resumes_a_one_process_dcp_checkpoint(tmp_path):
+    """DCP reshards 1 -> 2: a checkpoint written by one plain process resumes under FSDP1."""
+    _one_process("SOAP", range(STEPS // 2), tmp_path, save=True)
+    launch(_fsdp1_checkpoint_worker, 2, "SOAP", "dcp", "resume", str(tmp_path))
+    expected = reference("SOAP")
+    for rank in range(2):
+        resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt")
+        assert _relative(resumed["params"], expected) <= 1e-5, f"rank {rank}"
+
+
+def _fsdp1_consolidated_worker(rank: int, world: int, out: str) -> None:
+    """Outside FSDP's API: consolidate_state_dict() makes state_dict() complete on every rank."""
+    model = _fsdp1(make_model())
+    opt = ALGORITHMS["SOAP"](model.parameters(), distributed=model)
     train_shard(model, opt, range(STEPS // 2), rank, world)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = opt.state_dict()  # a collective: complete on every rank, keys free of ranks
-    resumed_model, resumed_opt = build()
+    opt.consolidate_state_dict()
+    saved_opt = opt.state_dict()
+    if rank == 0:
+        torch.save(saved_opt, Path(out) / "consolidated.pt")
+    resumed_model = _fsdp1(make_model())
+    resumed_opt = ALGORITHMS["SOAP"](resumed_model.parameters(), distributed=resumed_model)
     resumed_model.load_state_dict(saved_model)
     resumed_opt.load_state_dict(saved_opt)
     train_shard(resumed_model, resumed_opt, range(STEPS // 2, STEPS), rank, world)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     with FSDP.summon_full_params(resumed_model):
         full = torch.cat([p.detach().reshape(-1).clone() for p in resumed_model.parameters()])
-    torch.save({"params": full, "world": dist.get_world_size()}, Path(out) / f"rank{rank}.pt")
+    torch.save({"params": full}, Path(out) / f"resumed_rank{rank}.pt")
 
 
-def test_fsdp1_resumes_from_our_state_dict(tmp_path):
-    launch(_fsdp1_resume_worker, 2, "SOAP", str(tmp_path))
+def test_fsdp1_consolidated_state_dict_is_complete(tmp_path):
+    launch(_fsdp1_consolidated_worker, 2, str(tmp_path))
     expected = reference("SOAP")
     for rank in range(2):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert saved["world"] == 2
-        rel = (torch.linalg.norm(saved["params"] - expected) / torch.linalg.norm(expected)).item()
-        assert rel <= 1e-5, f"rank {rank}: relative difference {rel:.2e}"
+        resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt")
+        assert _relative(resumed["params"], expected) <= 1e-5, f"rank {rank}"
+    saved = torch.load(tmp_path / "consolidated.pt")
+    single = make_model()
+    opt = ALGORITHMS["SOAP"](single.parameters())
+    opt.load_state_dict(saved)  # complete: loads into one process
+    assert set(saved["state"][0]) == {"block0"} and set(saved["state"][1]) == {"adamw"}

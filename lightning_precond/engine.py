@@ -162,6 +162,17 @@ class RefreshedFactor:
     side: str
 
 
+@dataclass
+class _Consolidated:
+    """Every rank's state collected by ``consolidate_state_dict`` at step ``steps``:
+    blocks as ``(param_index, "block{b}", state)``, and whole vectors where the backend
+    shards them (FSDP1)."""
+
+    steps: int
+    blocks: list[tuple[int, str, dict[str, Tensor]]]
+    vectors: dict[int, dict[str, Tensor]] | None
+
+
 class _Bucket:
     """The owned blocks of one shape and param group, with their state stacked ``[k, ...]``."""
 
@@ -238,7 +249,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._refresh_owner: object | None = None
         self._warned_failure = False
         self._steps_taken = 0
-        self._consolidated: tuple[int, list[dict[tuple[int, str], Tensor]]] | None = None
+        self._consolidated: _Consolidated | None = None
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -777,27 +788,83 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The standard ``torch.optim`` format: ``{"state": {param_index: {...}}, "param_groups"}``.
 
-        Each block's tensors and counters are stored under its parameter's index with keys
-        ``"block{b}.{name}"``; keys depend only on block ids, never on ranks.
+        A matrix parameter's entry holds one nested dict per block, ``"block{b}"``, with the
+        block's tensors and counters; a vector's entry holds its AdamW state (``step``,
+        ``exp_avg``, ``exp_avg_sq``) as ``"adamw"``. Keys depend only on block ids, never on
+        ranks or on the backend, so ``torch.distributed.checkpoint`` reshards between world
+        sizes and between FSDP1, FSDP2 and one process.
 
         Under DeepSpeed ZeRO (which calls this on every rank and saves each rank's) the
         result is the same as with one process: param groups list the model's parameters and
         vectors' AdamW state is assembled from every rank's fragments (a collective).
+
+        Under FSDP1 this is the per-rank input of FSDP's optimizer-state API
+        (``FSDP.optim_state_dict``, ``get_optimizer_state_dict``; Lightning's
+        ``FSDPStrategy`` calls them), which consolidates it: each rank returns the blocks it
+        owns, and each vector's whole AdamW state on the rank holding
+        its first element. After :meth:`consolidate_state_dict` it is instead complete on
+        every rank. Loading accepts both.
         """
         if self._router is None and deepspeed_took_over(self._group_params):
             self._setup()
+        consolidated, self._consolidated = self._consolidated, None
+        rank_local = self._router is not None and self._router.rank_local_state_dict
+        if rank_local and consolidated is None:
+            return self._rank_local_state_dict()
+        if consolidated is None or consolidated.steps != self._steps_taken:
+            consolidated = self._consolidate()
         if self._flat_partitions():
             packed = self._partitioned_state_dict()
         else:
             packed = super().state_dict()
-        state = packed["state"]
-        consolidated, self._consolidated = self._consolidated, None
-        if consolidated is None or consolidated[0] != self._steps_taken:
-            consolidated = (self._steps_taken, self._all_block_states())
-        for block_state in consolidated[1]:
-            for (param_index, key), value in block_state.items():
-                state.setdefault(param_index, {})[key] = value
+        vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
+        packed["state"] = {index: {"adamw": entry} for index, entry in vectors.items()}
+        for param_index, key, value in consolidated.blocks:
+            packed["state"].setdefault(param_index, {})[key] = value
         return packed
+
+    def _rank_local_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` under FSDP1: owned blocks, and vectors on the holder of their first element."""
+        packed = super().state_dict()
+        state: dict[int, dict[str, Any]] = {}
+        for index, (holds_first, entry) in self._whole_vector_states().items():
+            if holds_first:
+                state[index] = {"adamw": entry}
+        for param_index, key, value in self._owned_block_states():
+            state.setdefault(param_index, {})[key] = value
+        packed["state"] = state
+        return packed
+
+    def _whole_vector_states(self) -> dict[int, tuple[bool, dict[str, Tensor]]]:
+        """Every vector's AdamW state assembled from the pieces the ranks hold (a collective),
+        with whether this rank holds the vector's first element."""
+        assert self._router is not None
+        index_of = {id(p): i for i, p in enumerate(self._all_params())}
+        starts = {index: start for index, start, _ in self._router.diagonal_geometry()}
+        mine = [
+            (index_of[id(p)], starts[index_of[id(p)]], {n: t.detach().clone() for n, t in state.items()})
+            for p, state in self.state.items()
+            if state and index_of.get(id(p)) in starts
+        ]
+        first_here = {index for index, start, _ in mine if start == 0}
+        return {
+            index: (index in first_here, entry)
+            for index, entry in self._assemble_vectors(self._router.gather_objects(mine)).items()
+        }
+
+    def _assemble_vectors(self, pieces: Iterable[tuple[int, int, Mapping[str, Tensor]]]) -> dict[int, dict[str, Tensor]]:
+        """Whole AdamW states from ``(param_index, flat_start, state)`` pieces of vectors."""
+        state: dict[int, dict[str, Tensor]] = {}
+        for index, start, piece in pieces:
+            numel = math.prod(self._shapes[index])
+            entry = state.setdefault(index, {"step": piece["step"]})
+            for name in ("exp_avg", "exp_avg_sq"):
+                whole = entry.setdefault(name, piece[name].new_zeros(numel))
+                whole[start : start + piece[name].numel()] = piece[name].reshape(-1)
+        for index, entry in state.items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                entry[name] = entry[name].view(self._shapes[index])
+        return state
 
     def _partitioned_state_dict(self) -> dict[str, Any]:
         """``state_dict()``'s param groups and vector state where the backend holds flat fragments."""
@@ -812,16 +879,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             (index, start, {name: t.detach().clone() for name, t in state.items()})
             for index, (start, state) in sorted(self._fragment_state.items())
         ]
-        state: dict[int, dict[str, Tensor]] = {}
-        for index, start, fragment in self._router.gather_objects(mine):
-            shape = self._shapes[index]
-            entry = state.setdefault(index, {"step": fragment["step"]})
-            for name in ("exp_avg", "exp_avg_sq"):
-                full = entry.setdefault(name, torch.zeros(math.prod(shape), dtype=fragment[name].dtype))
-                full[start : start + fragment[name].numel()] = fragment[name]
-        for index, entry in state.items():
-            for name in ("exp_avg", "exp_avg_sq"):
-                entry[name] = entry[name].view(self._shapes[index])
+        state = self._assemble_vectors(self._router.gather_objects(mine))
         return {"state": state, "param_groups": groups}
 
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -832,43 +890,62 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         ``ZeroRedundancyOptimizer`` convention. Calling ``state_dict()`` on all ranks
         (Accelerate) works without it.
         """
-        self._consolidated = (self._steps_taken, self._all_block_states())
+        self._consolidated = self._consolidate()
 
-    def _all_block_states(self) -> list[dict[tuple[int, str], Tensor]]:
-        owned = [
+    def _consolidate(self) -> _Consolidated:
+        vectors = None
+        if self._router is not None and self._router.rank_local_state_dict:
+            vectors = {index: entry for index, (_, entry) in self._whole_vector_states().items()}
+        return _Consolidated(self._steps_taken, self._all_block_states(), vectors)
+
+    def _owned_block_states(self) -> list[tuple[int, str, dict[str, Tensor]]]:
+        return [
             _pack_block(block, bucket.records[i], {n: t[i] for n, t in bucket.state.items()})
             for bucket in self._buckets
             for i, block in enumerate(bucket.blocks)
         ]
+
+    def _all_block_states(self) -> list[tuple[int, str, dict[str, Tensor]]]:
+        owned = self._owned_block_states()
         if self._router is None or self._router.world_size == 1:
             return owned
         return self._router.gather_objects(owned)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved at any world size; validated fully before anything changes."""
+        """Load a state saved at any world size; validated fully before anything changes.
+
+        Under FSDP1 each rank needs only the entries of the parameters it holds a piece of
+        (what ``FSDP.optim_state_dict_to_load`` hands it).
+        """
         self._setup()
-        assert self._plan is not None
+        assert self._plan is not None and self._router is not None
+        rank_local = self._router.rank_local_state_dict
         # Saved keys are indices, or FQNs when torch.distributed.checkpoint wrote them; as in
         # torch.optim, they map to parameters by position in the saved param groups.
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
         position = {key: index for index, key in enumerate(saved_keys)}
-        blocks_by_param: dict[int, dict[str, dict[str, Tensor]]] = {}
+        blocks_by_param: dict[int, dict[str, Mapping[str, Tensor]]] = {}
         plain_state: dict[Any, Any] = {}
         for key, entry in state_dict["state"].items():
-            plain, blocks = _split_block_keys(entry)
+            plain, blocks = _split_entry(entry)
             if plain:
                 plain_state[key] = plain
             if blocks:
                 if key not in position:
                     raise ValueError(f"checkpoint has state for {key!r}, which is in none of its param groups")
                 blocks_by_param[position[key]] = blocks
-        self._validate_block_state(blocks_by_param)
+        owned = {block.id for bucket in self._buckets for block in bucket.blocks}
+        fresh = not (self._router.any_rank(bool(blocks_by_param)) if rank_local else blocks_by_param)
+        if not fresh:
+            self._validate_block_state(blocks_by_param, owned if rank_local else None)
+        if rank_local:
+            plain_state = self._local_vector_pieces(plain_state, position)
         if self._flat_partitions():
             self._load_partitioned(state_dict, {position[k]: v for k, v in plain_state.items() if k in position})
         else:
             super().load_state_dict({**state_dict, "state": plain_state})
             self._group_dicts = list(self.param_groups)
-        if not blocks_by_param:  # saved before the first step: start fresh
+        if fresh:  # saved before the first step: start fresh
             self._plan = None
             self._setup()
             return
@@ -878,6 +955,34 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 for name, tensor in bucket.state.items():
                     tensor[i].copy_(saved[name])
                 bucket.records[i] = _unpack_record(saved)
+
+    def _local_vector_pieces(self, plain_state: Mapping[Any, Any], position: Mapping[Any, int]) -> dict[Any, Any]:
+        """Under FSDP1: the vectors' saved AdamW state cut to the pieces this rank holds.
+
+        A saved tensor is either already this piece (FSDP sliced it) or the whole vector.
+        """
+        assert self._router is not None
+        pieces = {index: (start, numel) for index, start, numel in self._router.diagonal_geometry()}
+        local: dict[Any, Any] = {}
+        for key, entry in plain_state.items():
+            index = position.get(key)
+            if index not in pieces:
+                continue  # a vector this rank holds nothing of
+            start, numel = pieces[index]
+            whole = math.prod(self._shapes[index])
+            cut = {}
+            for name, value in entry.items():
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    if value.numel() == whole:
+                        value = value.reshape(-1)[start : start + numel]
+                    elif value.numel() != numel:
+                        raise ValueError(
+                            f"checkpoint state {name!r} of {self._name_of_index(index)} has {value.numel()} "
+                            f"elements; expected the whole vector ({whole}) or this rank's piece ({numel})"
+                        )
+                cut[name] = value
+            local[key] = cut
+        return local
 
     def _load_partitioned(self, state_dict: Mapping[str, Any], plain_state: Mapping[int, Mapping[str, Any]]) -> None:
         """``load_state_dict()``'s hyperparameters and vector fragments under DeepSpeed ZeRO
@@ -910,14 +1015,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             group.update({key: value for key, value in saved.items() if key not in ("params", "param_names")})
         self._fragment_state = fragments
 
-    def _validate_block_state(self, saved: Mapping[int, Mapping[str, Mapping[str, Tensor]]]) -> None:
+    def _validate_block_state(
+        self, saved: Mapping[int, Mapping[str, Mapping[str, Tensor]]], required: set[str] | None = None
+    ) -> None:
         """Raise ValueError naming the parameter unless ``saved`` fits this optimizer's plan.
 
-        A checkpoint taken before the first step holds no block state and is accepted.
+        ``required``: the ids of the blocks that must be present (default: all of them, and
+        no others per parameter).
         """
         assert self._plan is not None
-        if not saved:
-            return
         expected: dict[int, dict[str, Block]] = {}
         for block in self._plan.blocks:
             expected.setdefault(block.param_index, {})[f"block{block.block_index}"] = block
@@ -932,12 +1038,20 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         for param_index, blocks in expected.items():
             name = self._name_of_index(param_index)
             got = saved.get(param_index, {})
-            if set(got) != set(blocks):
+            if set(got) - set(blocks) or (required is None and set(got) != set(blocks)):
                 raise ValueError(
                     f"checkpoint blocks of {name} are {sorted(got)}, expected {sorted(blocks)} "
                     "(different shape or max_preconditioner_dim?)"
                 )
             for key, block in blocks.items():
+                if required is not None and block.id not in required:
+                    continue
+                if key not in got:
+                    raise ValueError(
+                        f"checkpoint lacks {name} {key}, which this rank owns (under FSDP1, load "
+                        "through FSDP.optim_state_dict_to_load or set_optimizer_state_dict, or a "
+                        "state_dict() taken after consolidate_state_dict())"
+                    )
                 m, n = block.shape
                 group = self._groups()[block.group_index]
                 shapes = {
@@ -1047,28 +1161,28 @@ def _stats_order(record: FactorStats) -> tuple[int, int, str]:
 _RECORD_FIELDS = ("refreshes", "last_refresh_step", "failures", "consecutive_failures")
 
 
-def _pack_block(block: Block, record: _BlockRecord, tensors: Mapping[str, Tensor]) -> dict[tuple[int, str], Tensor]:
-    prefix = f"block{block.block_index}."
-    out: dict[tuple[int, str], Tensor] = {
-        (block.param_index, prefix + name): t.detach().clone() for name, t in tensors.items()
-    }
-    out[(block.param_index, prefix + "step")] = torch.tensor(record.step, dtype=torch.int64)
-    out[(block.param_index, prefix + "initialized")] = torch.tensor(record.initialized)
-    out[(block.param_index, prefix + "skipped_steps")] = torch.tensor(record.skipped_steps, dtype=torch.int64)
+def _pack_block(block: Block, record: _BlockRecord, tensors: Mapping[str, Tensor]) -> tuple[int, str, dict[str, Tensor]]:
+    """``(param_index, "block{b}", state)``: a block's tensors and counters, as saved."""
+    out: dict[str, Tensor] = {name: t.detach().clone() for name, t in tensors.items()}
+    out["step"] = torch.tensor(record.step, dtype=torch.int64)
+    out["initialized"] = torch.tensor(record.initialized)
+    out["skipped_steps"] = torch.tensor(record.skipped_steps, dtype=torch.int64)
     for side, side_rec in record.sides.items():
         for field_name in _RECORD_FIELDS:
-            value = getattr(side_rec, field_name)
-            out[(block.param_index, f"{prefix}{side}.{field_name}")] = torch.tensor(value, dtype=torch.int64)
-    return out
+            out[f"{side}.{field_name}"] = torch.tensor(getattr(side_rec, field_name), dtype=torch.int64)
+    return block.param_index, f"block{block.block_index}", out
 
 
-def _split_block_keys(entry: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+def _split_entry(entry: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Mapping[str, Tensor]]]:
+    """A saved parameter entry as (AdamW state, blocks by ``"block{b}"``); the AdamW state is
+    nested as ``"adamw"`` (or flat, as ``torch.optim.AdamW`` saves it)."""
     plain: dict[str, Any] = {}
-    blocks: dict[str, dict[str, Tensor]] = {}
+    blocks: dict[str, Mapping[str, Tensor]] = {}
     for key, value in entry.items():
-        if key.startswith("block") and "." in key:
-            block_key, rest = key.split(".", 1)
-            blocks.setdefault(block_key, {})[rest] = value
+        if key == "adamw" and isinstance(value, Mapping):
+            plain.update(value)
+        elif key.startswith("block") and isinstance(value, Mapping):
+            blocks[key] = value
         else:
             plain[key] = value
     return plain, blocks

@@ -8,7 +8,7 @@ currently least-loaded rank.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from .blocks import Block
 
@@ -25,18 +25,34 @@ def block_cost(rows: int, cols: int) -> float:
     return m * m * n + m * n * n + 0.1 * (m**3 + n**3)
 
 
-def assign_owners(blocks: Sequence[Block], world_size: int) -> list[int]:
-    """Owner rank of every block (same order as ``blocks``); identical on every rank."""
+def assign_owners(
+    blocks: Sequence[Block], world_size: int, candidates: Sequence[Collection[int]] | None = None
+) -> list[int]:
+    """Owner rank of every block (same order as ``blocks``); identical on every rank.
+
+    ``candidates[i]``, when given, restricts block ``i`` to those ranks (FSDP1 needs each
+    block's owner to hold a piece of its parameter, see ``FSDP1Router``); the least-loaded
+    candidate takes it.
+    """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     owners = [0] * len(blocks)
     if world_size == 1:
         return owners
     order = sorted(range(len(blocks)), key=lambda i: (-block_cost(*blocks[i].shape), i))
+    if candidates is not None:
+        load = [0.0] * world_size
+        for i in order:
+            allowed = sorted(candidates[i])
+            if not allowed or not all(0 <= rank < world_size for rank in allowed):
+                raise ValueError(f"candidates[{i}] must name ranks in [0, {world_size}), got {allowed}")
+            owners[i] = min(allowed, key=lambda rank: (load[rank], rank))
+            load[owners[i]] += block_cost(*blocks[i].shape)
+        return owners
     loads = [(0.0, rank) for rank in range(world_size)]
     heapq.heapify(loads)
     for i in order:
-        load, rank = heapq.heappop(loads)
+        load_i, rank = heapq.heappop(loads)
         owners[i] = rank
-        heapq.heappush(loads, (load + block_cost(*blocks[i].shape), rank))
+        heapq.heappush(loads, (load_i + block_cost(*blocks[i].shape), rank))
     return owners

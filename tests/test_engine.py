@@ -97,6 +97,18 @@ def test_ownership_is_deterministic_and_balanced():
         assign_owners(plan.blocks, 0)
 
 
+def test_ownership_respects_candidate_ranks():
+    """FSDP1 restricts each block to the ranks holding a piece of its parameter."""
+    plan = plan_blocks([(64, 64)] * 6 + [(128, 128)] * 2, [0] * 8, 1024)
+    candidates = [{0}, {0, 1}, {1, 2}, {2}, {0, 1, 2}, {0, 1, 2}, {1}, {0, 2}]
+    owners = assign_owners(plan.blocks, 3, candidates)
+    assert all(owner in allowed for owner, allowed in zip(owners, candidates))
+    free = assign_owners(plan.blocks, 3, [set(range(3))] * 8)
+    assert free == assign_owners(plan.blocks, 3)  # no restriction: the same map as without
+    with pytest.raises(ValueError, match=r"candidates\[1\]"):
+        assign_owners(plan.blocks, 3, [{0}, set(), *candidates[2:]])
+
+
 # ---------------------------------------------------------------- every algorithm
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_trains_a_small_model(algorithm):
@@ -282,8 +294,9 @@ def test_state_dict_keys_are_standard_and_rank_free():
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1, 2, 3, 4, 5}
-    assert "block0.factor_left" in sd["state"][0]
-    assert set(sd["state"][1]) == {"step", "exp_avg", "exp_avg_sq"}  # a bias: AdamW state
+    assert "factor_left" in sd["state"][0]["block0"]
+    assert set(sd["state"][1]) == {"adamw"}  # a bias: AdamW state
+    assert set(sd["state"][1]["adamw"]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_checkpoint_from_another_model_fails_clearly_and_loads_nothing():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..blocks import BlockPlan
 from .sharded import LocalPiece, ShardedRouter
 
 __all__ = ["FSDP2Router", "FSDP1Router", "is_dtensor", "is_fsdp1_flattened"]
@@ -78,7 +79,19 @@ class FSDP2Router(ShardedRouter):
 
 
 class FSDP1Router(ShardedRouter):
-    """Pieces are FSDP1 ``use_orig_params=True`` views, located by the flat parameters."""
+    """Pieces are FSDP1 ``use_orig_params=True`` views, located by the flat parameters.
+
+    Checkpoints go through FSDP's own optimizer-state API (``FSDP.optim_state_dict`` /
+    ``optim_state_dict_to_load``, which Lightning's ``FSDPStrategy`` and
+    ``torch.distributed.checkpoint.state_dict`` call). That API gathers and re-slices every
+    positive-dimensional tensor of a parameter's state as if it were shaped like the
+    parameter, passes nested values through, and on load hands a parameter's entry only to
+    the ranks holding a piece of it. Hence ``rank_local_state_dict``: the optimizer's
+    ``state_dict()`` nests each block under its parameter on the block's owner, and every
+    block's owner is chosen among the ranks holding a piece of its parameter.
+    """
+
+    rank_local_state_dict = True
 
     def __init__(self, module: torch.nn.Module, params: Sequence[Tensor], communication_dtype: torch.dtype) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -108,6 +121,23 @@ class FSDP1Router(ShardedRouter):
 
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
         return [self._info[id(p)][0] for p in params]
+
+    def owner_candidates(self, plan: BlockPlan, everyone: Sequence[Sequence[tuple[int, int, int]]]) -> list[set[int]]:
+        holders: dict[int, set[int]] = {}
+        for rank, geometry in enumerate(everyone):
+            for param_index, _, numel in geometry:
+                if numel > 0:
+                    holders.setdefault(param_index, set()).add(rank)
+        return [holders[block.param_index] for block in plan.blocks]
+
+    def diagonal_geometry(self) -> list[tuple[int, int, int]]:
+        """``(param_index, flat_start, numel)`` of this rank's pieces of vectors."""
+        out = []
+        for index, p in enumerate(self._params):
+            shape, info = self._info[id(p)]
+            if len(shape) < 2 and info.in_shard:
+                out.append((index, info.intra_param_start_idx, info.numel_in_shard))
+        return out
 
     def local_pieces(self) -> list[LocalPiece]:
         pieces = []

@@ -37,6 +37,9 @@ class Router:
     # (DeepSpeed ZeRO): the engine then plans from the parameters it was built with, keeps
     # its own references to the param-group dicts, and updates vectors by fragments.
     flat_partitions: bool = False
+    # True where the backend's own optimizer-state API consolidates the optimizer's
+    # state_dict() (FSDP1): each rank then returns only the blocks it owns, see FSDP1Router.
+    rank_local_state_dict: bool = False
 
     def plan_groups(self, current: list[list[Tensor]]) -> list[list[Tensor]]:
         """The parameters, per param group, that the block plan indexes (default: ``current``,
@@ -56,7 +59,8 @@ class Router:
         return None
 
     def diagonal_geometry(self) -> list[tuple[int, int, int]]:
-        """``(param_index, flat_start, numel)`` of every vector fragment held here (``flat_partitions``)."""
+        """``(param_index, flat_start, numel)`` of every piece of a vector held here where the
+        backend shards vectors (``flat_partitions``, FSDP1)."""
         return []
 
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:

@@ -115,21 +115,41 @@ class ShardedRouter(GroupCollectives, Router):
         raise NotImplementedError
 
     # -- set-up -----------------------------------------------------------------------
+    def owner_candidates(self, plan: BlockPlan, everyone: Sequence[Sequence[tuple[int, int, int]]]) -> list[set[int]] | None:
+        """Ranks allowed to own each block, given every rank's piece geometry (default: any)."""
+        return None
+
     def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
-        owners = assign_owners(plan.blocks, self.world_size)
-        self.bind(params, plan, owners, range(len(plan.blocks)))
+        self._params = list(params)
+        everyone = self._geometry_of_all_ranks(self.local_pieces())
+        owners = assign_owners(plan.blocks, self.world_size, self.owner_candidates(plan, everyone))
+        self.bind(params, plan, owners, range(len(plan.blocks)), everyone)
         return owners
 
-    def bind(self, params: Sequence[Tensor], plan: BlockPlan, owners: list[int], blocks: Sequence[int]) -> None:
+    def _geometry_of_all_ranks(self, pieces: Sequence[LocalPiece]) -> list[list[tuple[int, int, int]]]:
+        """``(param_index, flat_start, numel)`` of every rank's pieces (one ``all_gather_object``)."""
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, [(p.param_index, p.flat_start, p.numel) for p in pieces], group=self.group)
+        return everyone
+
+    def bind(
+        self,
+        params: Sequence[Tensor],
+        plan: BlockPlan,
+        owners: list[int],
+        blocks: Sequence[int],
+        everyone: list[list[tuple[int, int, int]]] | None = None,
+    ) -> None:
         """Build the routes for ``blocks`` (indices into ``plan.blocks``) under the owner map
-        of the whole plan (ZeRO binds one router per flat partition)."""
+        of the whole plan (ZeRO binds one router per flat partition); ``everyone`` is every
+        rank's piece geometry when the caller already gathered it."""
         self._params = list(params)
         self._plan = plan
         self._owners = owners
         pieces = self.local_pieces()
         mine = [(p.param_index, p.flat_start, p.numel) for p in pieces]
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
+        if everyone is None:
+            everyone = self._geometry_of_all_ranks(pieces)
         self._piece_sizes = [p.numel for p in pieces]
         self._piece_starts = torch.tensor([0, *torch.tensor(self._piece_sizes, dtype=torch.long).cumsum(0).tolist()])
         self._owned = [b for b in blocks if owners[b] == self.rank]
