@@ -103,14 +103,16 @@ def test_two_sharded_ranks_equal_one_process(backend, name, tmp_path):
     print(f"{backend} {name}: all-to-all bytes per step (rank 0) {ranks[0]['comm']}")
 
 
-def _fsdp1(model: torch.nn.Module) -> torch.nn.Module:
+def _fsdp1(model: torch.nn.Module, sharding: str = "FULL_SHARD") -> torch.nn.Module:
     """Wrapped as Lightning's FSDPStrategy does (use_orig_params=True), a unit per Linear, so
     each unit holds a matrix (blocks) and a vector (AdamW)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     return FSDP(model, device_id=torch.device("cpu"), use_orig_params=True,
-                auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+                auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+                sharding_strategy=ShardingStrategy[sharding])
 
 
 def save_checkpoint(api: str, model, opt, path: Path) -> None:
@@ -156,8 +158,10 @@ def load_checkpoint(api: str, model, opt, path: Path, fsdp: bool) -> None:
     set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
-def _fsdp1_checkpoint_worker(rank: int, world: int, name: str, api: str, phase: str, out: str) -> None:
-    model = _fsdp1(make_model())
+def _fsdp1_checkpoint_worker(
+    rank: int, world: int, name: str, api: str, phase: str, out: str, sharding: str = "FULL_SHARD"
+) -> None:
+    model = _fsdp1(make_model(), sharding)
     opt = ALGORITHMS[name](model.parameters(), distributed=model)
     if phase == "save":
         train_shard(model, opt, range(STEPS // 2), rank, world)
@@ -215,6 +219,20 @@ def test_fsdp1_checkpoint_resumes_at_two_and_one_ranks(name, api, tmp_path):
         assert resumed["world"] == 2
         assert _relative(resumed["params"], expected) <= 1e-5, f"rank {rank} resumed at 2 ranks"
     single = _one_process(name, range(STEPS // 2, STEPS), tmp_path, load=api)
+    assert _relative(single, expected) <= 1e-5, "resumed in one process"
+
+
+@pytest.mark.parametrize("sharding", ["SHARD_GRAD_OP", "NO_SHARD"])
+def test_fsdp1_other_sharding_strategies(sharding, tmp_path):
+    """Lightning's FSDPStrategy(sharding_strategy=...): training and a full checkpoint
+    resumed in one process equal the uninterrupted run."""
+    launch(_fsdp1_checkpoint_worker, 2, "SOAP", "fsdp_full", "save", str(tmp_path), sharding)
+    launch(_fsdp1_checkpoint_worker, 2, "SOAP", "fsdp_full", "resume", str(tmp_path), sharding)
+    expected = reference("SOAP")
+    for rank in range(2):
+        resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt")
+        assert _relative(resumed["params"], expected) <= 1e-5, f"rank {rank} resumed at 2 ranks"
+    single = _one_process("SOAP", range(STEPS // 2, STEPS), tmp_path, load="fsdp_full")
     assert _relative(single, expected) <= 1e-5, "resumed in one process"
 
 

@@ -89,15 +89,18 @@ class FSDP1Router(ShardedRouter):
     the ranks holding a piece of it. Hence ``rank_local_state_dict``: the optimizer's
     ``state_dict()`` nests each block under its parameter on the block's owner, and every
     block's owner is chosen among the ranks holding a piece of its parameter.
-    """
 
-    rank_local_state_dict = True
+    Under ``NO_SHARD`` FSDP's API passes each rank's state through untouched (it expects
+    replicas), so there ``state_dict()`` is complete on every rank, as under DDP.
+    """
 
     def __init__(self, module: torch.nn.Module, params: Sequence[Tensor], communication_dtype: torch.dtype) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
 
         self._info: dict[int, tuple[tuple[int, ...], Any]] = {}
         group = None
+        strategies = set()
         for unit in FSDP.fsdp_modules(module):
             handle = getattr(unit, "_handle", None)
             if handle is None:
@@ -109,6 +112,7 @@ class FSDP1Router(ShardedRouter):
                     "wrap with use_orig_params=True (Lightning's FSDPStrategy default)"
                 )
             group = unit.process_group
+            strategies.add(unit.sharding_strategy)
             for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
                 self._info[id(param)] = (tuple(shape), info)
         missing = [i for i, p in enumerate(params) if id(p) not in self._info]
@@ -117,6 +121,12 @@ class FSDP1Router(ShardedRouter):
                 f"parameters {missing[:5]} of the optimizer are not in the FSDP module's flat "
                 "parameters; build the optimizer from the wrapped module's parameters"
             )
+        if ShardingStrategy.NO_SHARD in strategies and len(strategies) > 1:
+            raise ValueError(
+                f"FSDP1 units mix sharding strategies {sorted(s.name for s in strategies)}; NO_SHARD "
+                "together with sharded units is not supported"
+            )
+        self.rank_local_state_dict = strategies != {ShardingStrategy.NO_SHARD}
         super().__init__(group, communication_dtype)
 
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
