@@ -53,3 +53,15 @@ class TinyRegression(L.LightningModule):
             p = p.full_tensor() if type(p).__name__ == "DTensor" else p
             full.append(p.detach().reshape(-1))
         return torch.cat(full)
+
+
+def finish(trainer: L.Trainer, out, params: torch.Tensor) -> None:
+    """Rank 0 writes ``out/params.pt`` and ``out/world.txt``; then every rank tears the
+    process group down in order (left to interpreter exit, torch 2.13's gloo sometimes aborts
+    with "terminate called without an active exception")."""
+    if trainer.is_global_zero:
+        torch.save(params, out / "params.pt")
+        (out / "world.txt").write_text(str(trainer.world_size))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -18,7 +18,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from integration_tests.lightning_app import TinyRegression  # noqa: E402
+from integration_tests.lightning_app import TinyRegression, finish  # noqa: E402
 from lightning_precond.callbacks import AdaptiveEigenbasisRefresh, EigenStalenessMonitor  # noqa: E402
 
 
@@ -57,15 +57,7 @@ def main() -> None:
     trainer.fit(model, ckpt_path=args.resume)
     if args.save:
         trainer.save_checkpoint(args.save)
-    params = model.flat_params()
-    if trainer.is_global_zero:
-        torch.save(params, out / "params.pt")
-        (out / "world.txt").write_text(str(trainer.world_size))
-    # Tear the process group down in order: left to interpreter exit, torch 2.13's gloo
-    # sometimes aborts ("terminate called without an active exception").
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish(trainer, out, model.flat_params())
 
 
 if __name__ == "__main__":

@@ -30,25 +30,17 @@ from torch.distributed.fsdp import (  # noqa: E402
 )
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 
-import lightning_precond as lp  # noqa: E402
-from integration_tests.lightning_app import TinyRegression  # noqa: E402
+from integration_tests.lightning_app import TinyRegression, finish  # noqa: E402
+from integration_tests.test_fsdp import ALGORITHMS as PRECONDITIONED  # noqa: E402
 
-# The settings of integration_tests.test_ddp.ALGORITHMS (whose factories take no
-# ``distributed=``, which FSDP1 needs), and AdamW to check the harness without our optimizers.
-PRECONDITIONED = {
-    "SOAP": (lp.SOAP, {}),
-    "Shampoo": (lp.Shampoo, {"epsilon": 1e-6}),
-    "KLShampoo": (lp.KLShampoo, {}),
-}
-ALGORITHMS = [*PRECONDITIONED, "AdamW"]
+ALGORITHMS = [*PRECONDITIONED, "AdamW"]  # AdamW checks the harness without our optimizers
 
 
 def make_optimizer(algorithm: str, params, distributed=None) -> torch.optim.Optimizer:
     """``distributed``: the FSDP1-wrapped module (None: a single process, for references)."""
     if algorithm == "AdamW":
         return torch.optim.AdamW(params, lr=3e-3)
-    cls, extra = PRECONDITIONED[algorithm]
-    return cls(params, lr=3e-3, precondition_frequency=5, distributed=distributed, **extra)
+    return PRECONDITIONED[algorithm](params, distributed=distributed)
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -169,14 +161,7 @@ def main() -> None:
     # A collective: every rank gathers the full parameters (in net.parameters() order).
     with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
         params = torch.cat([p.detach().reshape(-1).clone() for p in model.net.parameters()])
-    if trainer.is_global_zero:
-        torch.save(params, out / "params.pt")
-        (out / "world.txt").write_text(str(trainer.world_size))
-    # Tear the process group down in order: left to interpreter exit, torch 2.13's gloo
-    # sometimes aborts ("terminate called without an active exception").
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish(trainer, out, params)
 
 
 if __name__ == "__main__":
