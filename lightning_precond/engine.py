@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .blocks import Block, BlockPlan, plan_blocks
+from .distributed.fsdp import is_dtensor, is_fsdp1_flattened
 from .distributed.router import BlockUpdate, Router, resolve_router
 from .distributed.zero import deepspeed_took_over
 from .eigenbasis import (
@@ -300,6 +301,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             return self._group_dicts
         return self.param_groups
 
+    def _parameters_final(self) -> bool:
+        """Whether a sharding backend already holds the parameters (DeepSpeed ZeRO, FSDP1,
+        FSDP2), so that planning now cannot bind to tensors it would swap later. Then
+        ``state_dict()`` plans first: checkpoint templates built from it (DCP, Accelerate's
+        FSDP loaders) must cover every block, even before the first step."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return deepspeed_took_over(self._group_params) or any(
+            is_dtensor(p) or is_fsdp1_flattened(p) for p in params
+        )
+
     def _flat_partitions(self) -> bool:
         return self._router is not None and self._router.flat_partitions
 
@@ -353,6 +364,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             self.recipe.statistics.initial_values(bucket.state)
             buckets.append(bucket)
         self._plan, self._router, self._buckets = plan, router, buckets
+        if not router.flat_partitions:
+            # Vectors' AdamW state exists from the start (as the blocks' does): checkpoint
+            # templates built before the first step (DCP, FSDP1) then cover every parameter.
+            for p, shape in zip(params, plan.matrix_shapes):
+                if shape is None and not self.state.get(p):
+                    self.state[p] = _zero_adamw_state(p)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -365,7 +382,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._setup()
         self._steps_taken += 1
         assert self._router is not None
-        self._check_not_taken_over()
+        self._check_params_unchanged()
         self._router.begin_step(self.param_groups)
         try:
             self._step_owned()
@@ -373,15 +390,25 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             self._router.end_step()
         return loss
 
-    def _check_not_taken_over(self) -> None:
-        """Refuse to step when DeepSpeed ZeRO took the parameters over after the plan was made
-        (it would otherwise look like a set of vectors)."""
-        assert self._router is not None
-        if not self._router.flat_partitions and deepspeed_took_over(self._group_params):
+    def _check_params_unchanged(self) -> None:
+        """Refuse to step on parameters other than those the plan was made for (a backend that
+        swapped them afterwards would leave the blocks updating tensors nobody uses)."""
+        assert self._router is not None and self._planned is not None
+        if self._router.flat_partitions:
+            return
+        if deepspeed_took_over(self._group_params):
             raise RuntimeError(
                 "DeepSpeed ZeRO took over the parameters after this optimizer planned its blocks (was "
                 "preconditioner_stats(), refresh_eigenbasis() or load_state_dict() called before "
                 "deepspeed.initialize?); build the DeepSpeed engine first"
+            )
+        current = [p for group in self.param_groups for p in group["params"]]
+        planned = [p for group in self._planned for p in group]
+        if len(current) != len(planned) or any(a is not b for a, b in zip(current, planned)):
+            raise RuntimeError(
+                "the parameters in param_groups were replaced after this optimizer planned its blocks "
+                "(at load_state_dict with preconditioner state, preconditioner_stats() or the first "
+                "step); wrap or shard the model (FSDP, accelerator.prepare) before that"
             )
 
     def _step_owned(self) -> None:
@@ -805,7 +832,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         its first element. After :meth:`consolidate_state_dict` it is instead complete on
         every rank. Loading accepts both.
         """
-        if self._router is None and deepspeed_took_over(self._group_params):
+        if self._router is None and self._parameters_final():
             self._setup()
         consolidated, self._consolidated = self._consolidated, None
         rank_local = self._router is not None and self._router.rank_local_state_dict
@@ -917,6 +944,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         Under FSDP1 each rank needs only the entries of the parameters it holds a piece of
         (what ``FSDP.optim_state_dict_to_load`` hands it).
         """
+        if self._plan is None and not deepspeed_took_over(self._group_params) and not any(
+            _split_entry(entry)[1] for entry in state_dict["state"].values()
+        ):
+            # Nothing planned yet and no block state to place: load hyperparameters (and any
+            # AdamW state) without planning, since backends may still swap the parameters
+            # (Accelerate reloads a fresh optimizer's own state_dict before FSDP2 shards).
+            state = {key: _split_entry(entry)[0] for key, entry in state_dict["state"].items()}
+            super().load_state_dict({**state_dict, "state": {k: v for k, v in state.items() if v}})
+            self._group_dicts = list(self.param_groups)
+            return
         self._setup()
         assert self._plan is not None and self._router is not None
         rank_local = self._router.rank_local_state_dict
@@ -1085,12 +1122,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 index += 1
                 if is_matrix or p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                _adamw(p, p.grad, state, group, beta1, beta2, eps)
+                if not self.state.get(p):
+                    self.state[p] = _zero_adamw_state(p)
+                _adamw(p, p.grad, self.state[p], group, beta1, beta2, eps)
 
     def _diagonal_fragments_step(self, pieces: Sequence[Any]) -> None:
         """AdamW on this rank's fragments of vectors (DeepSpeed ZeRO's flat partitions):
@@ -1139,6 +1173,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         return f"parameter {index}"
 
 
+def _zero_adamw_state(p: Tensor) -> dict[str, Tensor]:
+    return {
+        "step": torch.zeros((), dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
 def _adamw(
     p: Tensor, grad: Tensor, state: MutableMapping[str, Tensor], group: Mapping[str, Any],
     beta1: float, beta2: float, eps: float,
@@ -1163,7 +1205,11 @@ _RECORD_FIELDS = ("refreshes", "last_refresh_step", "failures", "consecutive_fai
 
 def _pack_block(block: Block, record: _BlockRecord, tensors: Mapping[str, Tensor]) -> tuple[int, str, dict[str, Tensor]]:
     """``(param_index, "block{b}", state)``: a block's tensors and counters, as saved."""
-    out: dict[str, Tensor] = {name: t.detach().clone() for name, t in tensors.items()}
+    # Contiguous copies: collectives that broadcast saved state (FSDP2 full state dicts over
+    # gloo) send raw memory, so a transposed view would arrive transposed.
+    out: dict[str, Tensor] = {
+        name: t.detach().clone(memory_format=torch.contiguous_format) for name, t in tensors.items()
+    }
     out["step"] = torch.tensor(record.step, dtype=torch.int64)
     out["initialized"] = torch.tensor(record.initialized)
     out["skipped_steps"] = torch.tensor(record.skipped_steps, dtype=torch.int64)

@@ -366,3 +366,38 @@ def test_shampoo_under_an_owner_still_gets_roots_when_preconditioning_starts():
     assert all(s.refresh_count == 0 for s in opt.preconditioner_stats())
     train(model, opt, 5)
     assert all(s.refresh_count == 1 for s in opt.preconditioner_stats())
+
+
+def _swap_parameters(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """What a wrapper does when it shards a model after the optimizer was built (Accelerate
+    with FSDP2): new Parameter objects, in the module and in the optimizer's param groups."""
+    mapping = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            new = torch.nn.Parameter(p.detach().clone())
+            setattr(module, name, new)
+            mapping[p] = new
+    for group in opt.param_groups:
+        group["params"] = [mapping[p] for p in group["params"]]
+
+
+def test_loading_a_fresh_state_does_not_bind_to_parameters_swapped_later():
+    """Accelerate's prepare() reloads the fresh optimizer's own state_dict before FSDP2 swaps
+    the parameters: the optimizer must then train the new ones."""
+    model, reference = small_model(), small_model()
+    opt, ref_opt = lp.SOAP(model.parameters(), lr=1e-2), lp.SOAP(reference.parameters(), lr=1e-2)
+    opt.load_state_dict(opt.state_dict())
+    _swap_parameters(model, opt)
+    train(model, opt, 6)
+    train(reference, ref_opt, 6)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_parameters_swapped_after_planning_are_refused():
+    model = small_model()
+    opt = lp.SOAP(model.parameters(), lr=1e-2)
+    train(model, opt, 1)
+    _swap_parameters(model, opt)
+    with pytest.raises(RuntimeError, match="replaced after this optimizer planned"):
+        train(model, opt, 1)
