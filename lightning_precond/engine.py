@@ -306,9 +306,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         FSDP2), so that planning now cannot bind to tensors it would swap later. Then
         ``state_dict()`` plans first: checkpoint templates built from it (DCP, Accelerate's
         FSDP loaders) must cover every block, even before the first step."""
-        params = [p for group in self.param_groups for p in group["params"]]
         return deepspeed_took_over(self._group_params) or any(
-            is_dtensor(p) or is_fsdp1_flattened(p) for p in params
+            is_dtensor(p) or is_fsdp1_flattened(p) for p in self._all_params()
         )
 
     def _flat_partitions(self) -> bool:
@@ -403,7 +402,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 "deepspeed.initialize?); build the DeepSpeed engine first"
             )
         current = [p for group in self.param_groups for p in group["params"]]
-        planned = [p for group in self._planned for p in group]
+        planned = self._all_params()
         if len(current) != len(planned) or any(a is not b for a, b in zip(current, planned)):
             raise RuntimeError(
                 "the parameters in param_groups were replaced after this optimizer planned its blocks "
@@ -835,31 +834,21 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if self._router is None and self._parameters_final():
             self._setup()
         consolidated, self._consolidated = self._consolidated, None
-        rank_local = self._router is not None and self._router.rank_local_state_dict
-        if rank_local and consolidated is None:
-            return self._rank_local_state_dict()
-        if consolidated is None or consolidated.steps != self._steps_taken:
-            consolidated = self._consolidate()
-        if self._flat_partitions():
-            packed = self._partitioned_state_dict()
-        else:
+        if self._router is not None and self._router.rank_local_state_dict and consolidated is None:
+            # FSDP1's API consolidates: this rank's blocks, and the vectors whose first element it holds.
             packed = super().state_dict()
-        vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
+            whole = self._whole_vector_states()
+            vectors = {index: entry for index, (holds_first, entry) in whole.items() if holds_first}
+            blocks = self._owned_block_states()
+        else:
+            if consolidated is None or consolidated.steps != self._steps_taken:
+                consolidated = self._consolidate()
+            packed = self._partitioned_state_dict() if self._flat_partitions() else super().state_dict()
+            vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
+            blocks = consolidated.blocks
         packed["state"] = {index: {"adamw": entry} for index, entry in vectors.items()}
-        for param_index, key, value in consolidated.blocks:
+        for param_index, key, value in blocks:
             packed["state"].setdefault(param_index, {})[key] = value
-        return packed
-
-    def _rank_local_state_dict(self) -> dict[str, Any]:
-        """``state_dict()`` under FSDP1: owned blocks, and vectors on the holder of their first element."""
-        packed = super().state_dict()
-        state: dict[int, dict[str, Any]] = {}
-        for index, (holds_first, entry) in self._whole_vector_states().items():
-            if holds_first:
-                state[index] = {"adamw": entry}
-        for param_index, key, value in self._owned_block_states():
-            state.setdefault(param_index, {})[key] = value
-        packed["state"] = state
         return packed
 
     def _whole_vector_states(self) -> dict[int, tuple[bool, dict[str, Tensor]]]:
@@ -868,10 +857,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         assert self._router is not None
         index_of = {id(p): i for i, p in enumerate(self._all_params())}
         starts = {index: start for index, start, _ in self._router.diagonal_geometry()}
+        held = ((index_of.get(id(p)), state) for p, state in self.state.items() if state)
         mine = [
-            (index_of[id(p)], starts[index_of[id(p)]], {n: t.detach().clone() for n, t in state.items()})
-            for p, state in self.state.items()
-            if state and index_of.get(id(p)) in starts
+            (index, starts[index], {n: t.detach().clone() for n, t in state.items()})
+            for index, state in held
+            if index in starts
         ]
         first_here = {index for index, start, _ in mine if start == 0}
         return {
@@ -944,14 +934,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         Under FSDP1 each rank needs only the entries of the parameters it holds a piece of
         (what ``FSDP.optim_state_dict_to_load`` hands it).
         """
+        entries = {key: _split_entry(entry) for key, entry in state_dict["state"].items()}
         if self._plan is None and not deepspeed_took_over(self._group_params) and not any(
-            _split_entry(entry)[1] for entry in state_dict["state"].values()
+            blocks for _, blocks in entries.values()
         ):
             # Nothing planned yet and no block state to place: load hyperparameters (and any
             # AdamW state) without planning, since backends may still swap the parameters
             # (Accelerate reloads a fresh optimizer's own state_dict before FSDP2 shards).
-            state = {key: _split_entry(entry)[0] for key, entry in state_dict["state"].items()}
-            super().load_state_dict({**state_dict, "state": {k: v for k, v in state.items() if v}})
+            state = {key: plain for key, (plain, _) in entries.items() if plain}
+            super().load_state_dict({**state_dict, "state": state})
             self._group_dicts = list(self.param_groups)
             return
         self._setup()
@@ -963,8 +954,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         position = {key: index for index, key in enumerate(saved_keys)}
         blocks_by_param: dict[int, dict[str, Mapping[str, Tensor]]] = {}
         plain_state: dict[Any, Any] = {}
-        for key, entry in state_dict["state"].items():
-            plain, blocks = _split_entry(entry)
+        for key, (plain, blocks) in entries.items():
             if plain:
                 plain_state[key] = plain
             if blocks:
