@@ -1,0 +1,136 @@
+"""Golden trajectories: the optimizers' exact behaviour, recorded before the engine was
+restructured (issue 12), so that any refactoring that changes a single bit of a matrix
+trajectory or a state-dict tensor fails here.
+
+Cases: every optimizer of the original five x float32 / float64 x periodic / adaptive
+refresh, on a model whose matrices are blocked (``max_preconditioner_dim=8``; an order-4
+conv weight included) in two param groups with different hyperparameters, 30 steps.
+
+Re-record (only with a reason stated in the commit message)::
+
+    LP_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_precond as lp
+
+GOLDEN = Path(__file__).parent / "golden" / "trajectories.pt"
+RECORD = os.environ.get("LP_RECORD_GOLDEN") == "1"
+STEPS = 30
+
+OPTIMIZERS = {
+    "SOAP": lambda groups, **kw: lp.SOAP(groups, lr=3e-3, precondition_frequency=5, **kw),
+    "Shampoo": lambda groups, **kw: lp.Shampoo(
+        groups, lr=3e-3, precondition_frequency=5, start_preconditioning_step=5, **kw),
+    "KLShampoo": lambda groups, **kw: lp.KLShampoo(groups, lr=3e-3, precondition_frequency=5, **kw),
+    "KLSOAP": lambda groups, **kw: lp.KLSOAP(groups, lr=3e-3, precondition_frequency=5, **kw),
+    "EigenvalueCorrectedShampoo": lambda groups, **kw: lp.EigenvalueCorrectedShampoo(
+        groups, lr=3e-3, precondition_frequency=5, **kw),
+}
+CASES = [(name, dtype, refresh) for name in OPTIMIZERS for dtype in ("float32", "float64")
+         for refresh in ("periodic", "adaptive")]
+# Vectors (biases) take the AdamW path; they are compared separately so that a change of
+# that path can be re-recorded on its own (the matrices must stay bitwise identical).
+VECTORS = ("b1", "b2")
+
+
+class Net(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(20, 12, generator=gen, dtype=dtype) * 0.3)
+        self.b1 = torch.nn.Parameter(torch.zeros(20, dtype=dtype))
+        self.conv = torch.nn.Parameter(torch.randn(6, 3, 2, 2, generator=gen, dtype=dtype) * 0.3)
+        self.w2 = torch.nn.Parameter(torch.randn(5, 20, generator=gen, dtype=dtype) * 0.3)
+        self.b2 = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(x @ self.w1.T + self.b1)
+        fit = ((hidden @ self.w2.T + self.b2 - y) ** 2).mean()
+        features = torch.nn.functional.conv2d(image, self.conv)
+        return fit + (features.tanh() ** 2).mean()
+
+
+def trajectory(name: str, dtype_name: str, refresh: str) -> dict[str, torch.Tensor]:
+    """Parameters after ``STEPS`` steps and the final state dict's tensors, flattened to
+    ``"param.<name>"`` / ``"state.<index>.<key path>"``."""
+    dtype = getattr(torch, dtype_name)
+    net = Net(dtype)
+    groups = [
+        {"params": [net.w1, net.b1, net.conv]},
+        {"params": [net.w2, net.b2], "lr": 1.5e-3, "weight_decay": 0.05},
+    ]
+    opt = OPTIMIZERS[name](groups, max_preconditioner_dim=8, refresh=refresh, refresh_check_interval=3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(16, 12, generator=gen, dtype=dtype)
+        y = torch.randn(16, 5, generator=gen, dtype=dtype)
+        image = torch.randn(4, 3, 5, 5, generator=gen, dtype=dtype)
+        opt.zero_grad()
+        net.loss(x, y, image).backward()
+        opt.step()
+    out = {f"param.{n}": p.detach().clone() for n, p in net.named_parameters()}
+
+    def flatten(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flatten(f"{prefix}.{key}", inner)
+        elif isinstance(value, torch.Tensor):
+            out[prefix] = value.detach().clone()
+
+    flatten("state", opt.state_dict()["state"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, dict[str, torch.Tensor]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if RECORD:
+            GOLDEN.parent.mkdir(exist_ok=True)
+            torch.save({"|".join(case): trajectory(*case) for case in CASES}, GOLDEN)
+        return torch.load(GOLDEN, weights_only=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _is_vector(key: str) -> bool:
+    # param.b1 / param.b2, and the state entries of those parameters (indices 1 and 4).
+    return key in {f"param.{v}" for v in VECTORS} or key.split(".")[1] in ("1", "4")
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_trajectory_is_bitwise_the_recorded_one(golden, case):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = trajectory(*case)
+    finally:
+        torch.set_num_threads(threads)
+    expected = golden["|".join(case)]
+    assert sorted(ours) == sorted(expected), "state-dict layout changed"
+    for key, value in expected.items():
+        kind = "vector" if _is_vector(key) else "matrix"
+        assert ours[key].dtype == value.dtype, f"{kind} {key}: dtype"
+        assert torch.equal(ours[key], value), (
+            f"{kind} {key}: max difference {(ours[key].double() - value.double()).abs().max():.3e}")
+
+
+def test_golden_cases_move_every_parameter(golden):
+    """The recording is meaningful: every parameter moved, and every matrix was preconditioned
+    (a refresh happened) in every case."""
+    net = Net(torch.float32)
+    initial = {f"param.{n}": p.detach() for n, p in net.named_parameters()}
+    for case, values in golden.items():
+        for key, start in initial.items():
+            assert not torch.equal(values[key].float(), start), f"{case}: {key} never moved"
+        refreshes = [v for k, v in values.items() if k.endswith("left.refreshes")]
+        assert refreshes and all(int(r) >= 1 for r in refreshes), case
