@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PINS := torch==2.13.0 lightning==2.6.6 accelerate==1.15.0 torchmetrics==1.9.0
+PINS := torch==2.13.0 lightning==2.6.6 accelerate==1.15.0
 
 .PHONY: venv demo test bench clean
 
