@@ -159,3 +159,57 @@ def shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b2: float, eps: f
         w = w - lr * (root_l @ g @ root_r if t >= start else g)
         out.append(w)
     return out
+
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(x: Tensor, steps: int = 5) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration (approximately U V^T of x = U S V^T)."""
+    a, b, c = NS_COEFFICIENTS
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    x = x / (torch.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+def muon_scale(rows: int, cols: int, update_scale: str) -> float:
+    if update_scale == "rms":
+        return 0.2 * max(rows, cols) ** 0.5
+    if update_scale == "shape":
+        return max(1.0, rows / cols) ** 0.5
+    raise ValueError(f"unknown update_scale {update_scale!r}")
+
+
+def muon(w: Tensor, grad_fn: GradFn, steps: int, lr: float, momentum: float = 0.95,
+         nesterov: bool = True, wd: float = 0.01, ns_steps: int = 5, update_scale: str = "rms",
+         max_dim: int | None = None) -> list[Tensor]:
+    """Muon on one matrix: returns W after each step.
+
+    With ``max_dim`` the matrix is cut row-major into blocks of at most ``max_dim`` x
+    ``max_dim`` and each block is orthogonalized, and scaled by its own shape, on its own
+    (the momentum buffer is elementwise, so blocking changes nothing else).
+    The buffer is an EMA, B <- mu B + (1 - mu) G; algorithms.md's B <- mu B + G differs by
+    the factor 1 / (1 - mu) only, which the normalization removes up to its 1e-7.
+    """
+    rows, cols = w.shape
+    size = max_dim or max(rows, cols)
+    buf = torch.zeros_like(w)
+    out = []
+    for _ in range(steps):
+        g = grad_fn(w)
+        buf = momentum * buf + (1 - momentum) * g
+        x = (1 - momentum) * g + momentum * buf if nesterov else buf
+        update = torch.empty_like(w)
+        for r in range(0, rows, size):
+            for c in range(0, cols, size):
+                block = x[r:r + size, c:c + size]
+                scale = muon_scale(block.shape[0], block.shape[1], update_scale)
+                update[r:r + size, c:c + size] = scale * newton_schulz(block, ns_steps)
+        w = w * (1 - lr * wd) - lr * update
+        out.append(w)
+    return out
