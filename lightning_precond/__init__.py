@@ -1,8 +1,9 @@
-"""Matrix-preconditioned optimizers (Shampoo, SOAP, KL-Shampoo, ...) for PyTorch Lightning
-and Accelerate, with Kronecker factor state sharded across ranks by whole blocks."""
+"""Matrix-preconditioned optimizers (Shampoo, SOAP, KL-Shampoo, Muon, ...) for PyTorch
+Lightning and Accelerate, with preconditioner state sharded across ranks by whole blocks."""
 
-from .engine import EngineOptions, FactorStats, PreconditionedOptimizer, Recipe, RefreshedFactor
-from .optimizers import KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Shampoo
+from .engine import FactorStats, PreconditionedOptimizer, RefreshedFactor
+from .optimizers import KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Muon, Shampoo
+from .options import EngineOptions, EngineOptionsDict
 
 __all__ = [
     "SOAP",
@@ -10,9 +11,10 @@ __all__ = [
     "KLShampoo",
     "KLSOAP",
     "EigenvalueCorrectedShampoo",
+    "Muon",
     "PreconditionedOptimizer",
-    "Recipe",
     "EngineOptions",
+    "EngineOptionsDict",
     "FactorStats",
     "RefreshedFactor",
 ]

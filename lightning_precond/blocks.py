@@ -8,7 +8,7 @@ resharded and lets every backend (DDP, FSDP, ZeRO) route the same blocks to the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Block", "BlockPlan", "matrix_shape", "plan_blocks"]
@@ -77,19 +77,21 @@ def plan_blocks(
     group_of: Sequence[int],
     max_dim: int,
     precondition_1d: bool = False,
+    unblocked: Collection[int] = (),
 ) -> BlockPlan:
     """Cut every parameter (given by its global shape) into blocks of at most ``max_dim``.
 
     ``group_of[i]`` is the param group of parameter ``i``. With ``precondition_1d`` a vector
-    of length n is treated as a 1 x n matrix instead of taking the diagonal method.
+    of length n is treated as a 1 x n matrix instead of taking the diagonal method. The
+    parameters in ``unblocked`` (groups with ``precondition=False``) take the diagonal method.
     """
     if max_dim < 1:
         raise ValueError(f"max_preconditioner_dim must be >= 1, got {max_dim}")
     blocks: list[Block] = []
     matrix_shapes: list[tuple[int, int] | None] = []
     for index, shape in enumerate(shapes):
-        mshape = matrix_shape(shape, max_dim)
-        if mshape is None and precondition_1d and len(shape) == 1 and shape[0] > 0:
+        mshape = None if index in unblocked else matrix_shape(shape, max_dim)
+        if mshape is None and index not in unblocked and precondition_1d and len(shape) == 1 and shape[0] > 0:
             mshape = (1, int(shape[0]))
         matrix_shapes.append(mshape)
         if mshape is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lightning_precond as lp
-from lightning_precond.eigenbasis import eigh_descending, power_step, qr_algorithm, staleness
+from lightning_precond.algorithms.eigenbasis import eigh_descending, power_step, qr_algorithm, staleness
 
 
 def known_spectrum(n: int, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -146,7 +146,7 @@ def test_float64_preconditioner_dtype_for_float32_params():
     model = small_model()
     opt = lp.SOAP(model.parameters(), preconditioner_dtype=torch.float64)
     train(model, opt, 3)
-    assert all(t.dtype == torch.float64 for b in opt._buckets for t in b.state.values())
+    assert all(t.dtype == torch.float64 for b in opt._buckets for t in b.tensors().values())
 
 
 # ---------------------------------------------------------------- validation
@@ -202,7 +202,7 @@ def test_forced_eigh_failure_keeps_the_old_basis_and_counts(monkeypatch):
     opt = lp.EigenvalueCorrectedShampoo(model.parameters(), precondition_frequency=2)
     train(model, opt, 3)  # call 1 builds the bases; t = 1, 2; refreshed at t = 2
     bucket = opt._buckets[0]
-    before = {k: v.clone() for k, v in bucket.state.items() if k.startswith("basis")}
+    before = {k: v.clone() for k, v in bucket.tensors().items() if k.startswith("basis")}
 
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("forced failure")
@@ -211,7 +211,7 @@ def test_forced_eigh_failure_keeps_the_old_basis_and_counts(monkeypatch):
     with pytest.warns(RuntimeWarning, match="keeping the previous basis"):
         train(model, opt, 2)  # t = 3, 4: the refresh at t = 4 fails
     for key, value in before.items():
-        assert torch.equal(bucket.state[key], value), key
+        assert torch.equal(bucket.tensors()[key], value), key
     stats = opt.preconditioner_stats(names=model.named_parameters())
     assert all(s.failure_count == 1 for s in stats)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -238,7 +238,7 @@ def test_nan_gradient_with_skip_leaves_factors_untouched(algorithm):
     model = small_model()
     opt = algorithm(model.parameters(), precondition_frequency=2)
     train(model, opt, 3)
-    before = [{k: v.clone() for k, v in b.state.items()} for b in opt._buckets]
+    before = [{k: v.clone() for k, v in b.tensors().items()} for b in opt._buckets]
     weights = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     model(torch.randn(4, 12)).sum().backward()
@@ -248,7 +248,7 @@ def test_nan_gradient_with_skip_leaves_factors_untouched(algorithm):
     opt.step()
     for b, saved in zip(opt._buckets, before):
         for k, v in saved.items():
-            assert torch.equal(b.state[k], v), k
+            assert torch.equal(b.tensors()[k], v), k
     for p, w in zip(model.parameters(), weights):
         if p.dim() == 2:
             assert torch.equal(p.detach(), w)
@@ -308,10 +308,10 @@ def test_checkpoint_from_another_model_fails_clearly_and_loads_nothing():
         torch.nn.Linear(8, 4))
     other_opt = lp.SOAP(other.named_parameters())
     train(other, other_opt, 2)
-    before = {k: v.clone() for b in opt._buckets for k, v in b.state.items()}
+    before = {k: v.clone() for b in opt._buckets for k, v in b.tensors().items()}
     with pytest.raises(ValueError, match=r"2\.weight"):
         opt.load_state_dict(other_opt.state_dict())
-    after = {k: v.clone() for b in opt._buckets for k, v in b.state.items()}
+    after = {k: v.clone() for b in opt._buckets for k, v in b.tensors().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from ..eigenbasis import REFRESH_METHODS
+from ..algorithms.eigenbasis import REFRESH_METHODS
 from ..engine import FactorStats, PreconditionedOptimizer
 
 __all__ = [
@@ -106,11 +106,10 @@ def _frequency(optimizer: PreconditionedOptimizer) -> tuple[int, bool]:
 def _first_basis_step(optimizer: PreconditionedOptimizer) -> int | None:
     """The last step after which an owner must refresh so the first preconditioned step has
     a basis, or ``None`` when the optimizer builds one from the first gradient (SOAP & co)."""
-    if optimizer.recipe.basis_from_first_gradient:
+    starts = [start for start in optimizer.first_refresh_steps() if start > 0]
+    if not starts:
         return None
-    starts = [group.get("start_preconditioning_step") for group in optimizer.param_groups]
-    start = min((int(s) for s in starts if s is not None), default=1)
-    return max(1, start - 1)
+    return max(1, min(starts) - 1)
 
 
 # ---------------------------------------------------------------------------- decisions

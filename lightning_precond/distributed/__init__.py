@@ -5,6 +5,7 @@ each owner the full gradient of its blocks and applies the finished updates wher
 backend keeps the parameters.
 """
 
-from .router import BlockUpdate, LocalRouter, Router, resolve_router
+from .detect import resolve_router
+from .router import BlockUpdate, LocalRouter, Router
 
 __all__ = ["BlockUpdate", "LocalRouter", "Router", "resolve_router"]

@@ -21,13 +21,10 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
+from .fsdp import is_dtensor
 from .router import BlockUpdate, GroupCollectives, LocalRouter, apply_to_params
 
 __all__ = ["ReplicatedRouter"]
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
 
 
 class ReplicatedRouter(GroupCollectives, LocalRouter):
@@ -49,7 +46,7 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
 
     def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
         for p in params:
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 raise ValueError(
                     "parameters are DTensors (FSDP2 / tensor parallel): block routing for "
                     "sharded parameters is not supported yet; use DDP, or distributed=None to "

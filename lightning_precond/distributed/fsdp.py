@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockPlan
+from .router import CheckpointLayout
 from .sharded import LocalPiece, ShardedRouter
 
 __all__ = ["FSDP2Router", "FSDP1Router", "is_dtensor", "is_fsdp1_flattened"]
@@ -60,7 +61,7 @@ class FSDP2Router(ShardedRouter):
     def local_pieces(self) -> list[LocalPiece]:
         pieces = []
         for index, p in enumerate(self._params):
-            if len(p.shape) < 2:
+            if not self._is_matrix[index]:
                 continue
             rows = p.shape[0]
             per_rank = math.ceil(rows / self.world_size)
@@ -86,7 +87,7 @@ class FSDP1Router(ShardedRouter):
     ``torch.distributed.checkpoint.state_dict`` call). That API gathers and re-slices every
     positive-dimensional tensor of a parameter's state as if it were shaped like the
     parameter, passes nested values through, and on load hands a parameter's entry only to
-    the ranks holding a piece of it. Hence ``rank_local_state_dict``: the optimizer's
+    the ranks holding a piece of it. Hence a rank-local checkpoint layout: the optimizer's
     ``state_dict()`` nests each block under its parameter on the block's owner, and every
     block's owner is chosen among the ranks holding a piece of its parameter.
 
@@ -126,7 +127,7 @@ class FSDP1Router(ShardedRouter):
                 f"FSDP1 units mix sharding strategies {sorted(s.name for s in strategies)}; NO_SHARD "
                 "together with sharded units is not supported"
             )
-        self.rank_local_state_dict = strategies != {ShardingStrategy.NO_SHARD}
+        self._rank_local = strategies != {ShardingStrategy.NO_SHARD}
         super().__init__(group, communication_dtype)
 
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
@@ -140,20 +141,23 @@ class FSDP1Router(ShardedRouter):
                     holders.setdefault(param_index, set()).add(rank)
         return [holders[block.param_index] for block in plan.blocks]
 
-    def diagonal_geometry(self) -> list[tuple[int, int, int]]:
+    def vector_geometry(self) -> list[tuple[int, int, int]]:
         """``(param_index, flat_start, numel)`` of this rank's pieces of vectors."""
         out = []
         for index, p in enumerate(self._params):
             shape, info = self._info[id(p)]
-            if len(shape) < 2 and info.in_shard:
+            if not self._is_matrix[index] and info.in_shard:
                 out.append((index, info.intra_param_start_idx, info.numel_in_shard))
         return out
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        return CheckpointLayout(rank_local=self._rank_local, vector_pieces=tuple(self.vector_geometry()))
 
     def local_pieces(self) -> list[LocalPiece]:
         pieces = []
         for index, p in enumerate(self._params):
             shape, info = self._info[id(p)]
-            if len(shape) < 2:
+            if not self._is_matrix[index]:
                 continue
             if not info.in_shard:
                 pieces.append(LocalPiece(index, 0, p.data.new_zeros(0), None))

@@ -1,4 +1,12 @@
-"""The router interface and the single-process router."""
+"""The router interface and the single-process router.
+
+A router is the only code that knows where a backend keeps parameters and gradients. Every
+backend provides the same few members: ``setup`` (bind, choose owners), ``block_gradients``
+(each owned block's full gradient), ``apply_updates`` (updates back into the backend's
+storage), the two small collectives, and ``checkpoint_layout`` -- what checkpoints must know
+of the backend, read only by :mod:`lightning_precond.engine.checkpoint`. Which router runs is
+decided in :mod:`lightning_precond.distributed.detect`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 
-__all__ = ["BlockUpdate", "Router", "LocalRouter", "GroupCollectives", "resolve_router"]
+__all__ = ["BlockUpdate", "CheckpointLayout", "Router", "LocalRouter", "GroupCollectives"]
 
 
 @dataclass
@@ -21,6 +29,18 @@ class BlockUpdate:
 
     block: Block
     delta: Tensor  # [rows, cols]
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What the checkpoint codec must know of a backend."""
+
+    # FSDP1: FSDP's own optimizer-state API consolidates state_dict(), so each rank returns
+    # only the blocks it owns (see FSDP1Router).
+    rank_local: bool = False
+    # ``(param_index, flat_start, numel)`` of the pieces of vectors held here, where the
+    # backend shards vectors (FSDP1 views, ZeRO fragments); empty where vectors are whole.
+    vector_pieces: tuple[tuple[int, int, int], ...] = ()
 
 
 class Router:
@@ -37,9 +57,6 @@ class Router:
     # (DeepSpeed ZeRO): the engine then plans from the parameters it was built with, keeps
     # its own references to the param-group dicts, and updates vectors by fragments.
     flat_partitions: bool = False
-    # True where the backend's own optimizer-state API consolidates the optimizer's
-    # state_dict() (FSDP1): each rank then returns only the blocks it owns, see FSDP1Router.
-    rank_local_state_dict: bool = False
 
     def plan_groups(self, current: list[list[Tensor]]) -> list[list[Tensor]]:
         """The parameters, per param group, that the block plan indexes (default: ``current``,
@@ -52,16 +69,14 @@ class Router:
     def end_step(self) -> None:
         """Called at the end of ``step()`` (also when it raised)."""
 
-    def diagonal_pieces(self) -> list[Any] | None:
+    def vector_pieces(self) -> list[Any] | None:
         """Where the backend keeps vectors in flat fragments (``flat_partitions``): this rank's
         :class:`~lightning_precond.distributed.sharded.LocalPiece` s of the vectors stepped now;
         ``None`` means vectors are whole local parameters."""
         return None
 
-    def diagonal_geometry(self) -> list[tuple[int, int, int]]:
-        """``(param_index, flat_start, numel)`` of every piece of a vector held here where the
-        backend shards vectors (``flat_partitions``, FSDP1)."""
-        return []
+    def checkpoint_layout(self) -> CheckpointLayout:
+        return CheckpointLayout()
 
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
         """The full shapes of the parameters, whatever this rank holds of them."""
@@ -162,60 +177,3 @@ def apply_to_params(
             view.add_(update.delta.to(view.dtype))
         if not param.data.is_contiguous():
             param.data.copy_(matrix.view(param.shape))
-
-
-def resolve_router(
-    distributed: Any,
-    communication_dtype: torch.dtype,
-    params: Sequence[Tensor],
-    optimizer: Any = None,
-    original_groups: Sequence[Sequence[Tensor]] | None = None,
-) -> Router:
-    """Pick the router for ``distributed``:
-
-    * first, DeepSpeed ZeRO (``optimizer`` wrapped by ``deepspeed.initialize``;
-      ``original_groups`` are the params it was built with): ZeRO routing with
-      ``distributed="auto"`` (anything else raises), or an error naming a DeepSpeed set-up
-      that cannot be routed correctly;
-    * ``None``: single process (each rank, if any, preconditions on its own);
-    * ``"auto"``: FSDP2 when the parameters are DTensors; block ownership over the default
-      group when ``torch.distributed`` runs several ranks; else single process;
-    * a ``torch.nn.Module`` wrapped in FSDP1 (``use_orig_params=True``): FSDP1 routing;
-    * a process group: block ownership over that group.
-    """
-    from .ddp import ReplicatedRouter
-    from .fsdp import FSDP1Router, FSDP2Router, is_dtensor, is_fsdp1_flattened
-
-    if optimizer is not None and original_groups is not None:
-        from .zero import zero_router
-
-        zero = zero_router(optimizer, original_groups, communication_dtype)
-        if zero is not None:
-            if not (isinstance(distributed, str) and distributed == "auto"):
-                raise ValueError(
-                    "under DeepSpeed ZeRO the optimizer routes blocks over DeepSpeed's data-parallel "
-                    f"group; leave distributed='auto' (got {distributed!r})"
-                )
-            return zero
-    if distributed is None:
-        return LocalRouter()
-    if isinstance(distributed, torch.nn.Module):
-        if any(is_fsdp1_flattened(p) for p in params):
-            return FSDP1Router(distributed, params, communication_dtype)
-        distributed = "auto"
-    if isinstance(distributed, str):
-        if distributed != "auto":
-            raise ValueError(f"distributed must be None, 'auto', a module or a process group, got {distributed!r}")
-        if any(is_dtensor(p) for p in params):
-            return FSDP2Router(params, communication_dtype)
-        if any(is_fsdp1_flattened(p) for p in params):
-            raise ValueError(
-                "FSDP1 parameters detected: pass the wrapped module, e.g. "
-                "SOAP(model.parameters(), distributed=model) (in Lightning: "
-                "distributed=self.trainer.strategy.model)"
-            )
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return ReplicatedRouter(None, communication_dtype)
-        return LocalRouter()
-    return ReplicatedRouter(distributed, communication_dtype)

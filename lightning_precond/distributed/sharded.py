@@ -121,6 +121,7 @@ class ShardedRouter(GroupCollectives, Router):
 
     def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
         self._params = list(params)
+        self._is_matrix = [shape is not None for shape in plan.matrix_shapes]
         everyone = self._geometry_of_all_ranks(self.local_pieces())
         owners = assign_owners(plan.blocks, self.world_size, self.owner_candidates(plan, everyone))
         self.bind(params, plan, owners, range(len(plan.blocks)), everyone)

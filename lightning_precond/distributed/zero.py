@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, GroupCollectives, Router
+from .router import BlockUpdate, CheckpointLayout, GroupCollectives, Router
 from .sharded import LocalPiece, ShardedRouter
 
 __all__ = ["SUPPORTED_DEEPSPEED_VERSIONS", "ZeroRouter", "deepspeed_took_over", "zero_router"]
@@ -384,7 +384,7 @@ class ZeroRouter(GroupCollectives, Router):
         unit.apply_updates(updates, decays)
         self.bytes_last_step += unit.bytes_last_step - before
 
-    def diagonal_pieces(self) -> list[LocalPiece] | None:
+    def vector_pieces(self) -> list[LocalPiece] | None:
         """This rank's fragments of the vectors in the stepping (sub-)group, with gradients."""
         unit = self._active
         if unit is None:
@@ -397,9 +397,11 @@ class ZeroRouter(GroupCollectives, Router):
             for f in self._diagonal[unit]
         ]
 
-    def diagonal_geometry(self) -> list[tuple[int, int, int]]:
-        """``(param_index, flat_start, numel)`` of every vector fragment this rank holds."""
-        return [(f.param_index, f.flat_start, f.numel) for unit in self._diagonal for f in unit]
+    def checkpoint_layout(self) -> CheckpointLayout:
+        """Vectors are held as fragments: ``(param_index, flat_start, numel)`` of each one here."""
+        return CheckpointLayout(
+            vector_pieces=tuple((f.param_index, f.flat_start, f.numel) for unit in self._diagonal for f in unit)
+        )
 
     def end_step(self) -> None:
         self._active = None

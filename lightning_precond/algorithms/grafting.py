@@ -7,25 +7,19 @@ starts, ``P_graft`` is the update itself, so Adam grafting then *is* AdamW.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-
 import torch
 from torch import Tensor
 
 from .statistics import ema_
 
-__all__ = ["GRAFTING_METHODS", "graft_state_shapes", "graft_direction", "graft_norm"]
+__all__ = ["GRAFTING_METHODS", "graft_direction", "graft_norm"]
 
 GRAFTING_METHODS = ("adam", "adagrad", "rmsprop", "sgd", None)
 
 
-def graft_state_shapes(method: str | None, m: int, n: int) -> dict[str, tuple[int, ...]]:
-    return {} if method in ("sgd", None) else {"graft_exp_avg_sq": (m, n)}
-
-
 def graft_direction(
     method: str | None,
-    state: MutableMapping[str, Tensor],
+    second: Tensor | None,
     grad: Tensor,
     momentum: Tensor,
     beta2: float,
@@ -33,12 +27,13 @@ def graft_direction(
     step: int,
 ) -> Tensor | None:
     """The grafted method's direction for ``momentum`` (already bias-corrected); updates its
-    second-moment state from ``grad``. ``None`` when grafting is off."""
+    second moment ``second`` (``[k, m, n]``, None for sgd) from ``grad``. ``None`` when
+    grafting is off."""
     if method is None:
         return None
     if method == "sgd":
         return momentum
-    second = state["graft_exp_avg_sq"]
+    assert second is not None
     if method == "adagrad":
         second.addcmul_(grad, grad)
         denom = second.sqrt().add_(eps)

@@ -1,0 +1,352 @@
+"""The checkpoint codec: the only code that knows how block state is laid out in a state dict
+and how each backend's checkpoints behave (:class:`~lightning_precond.distributed.router.CheckpointLayout`).
+
+Format (v0): the standard ``torch.optim`` ``{"state": {param_index: {...}}, "param_groups"}``.
+A matrix parameter's entry holds one nested dict per block, ``"block{b}"``, with the block's
+tensors (named as the algorithm's state fields) and counters; a vector's entry holds its
+AdamW state as ``"adamw"`` (or flat, as ``torch.optim.AdamW`` saves it). Keys depend only on
+block ids, never on ranks or on the backend, so ``torch.distributed.checkpoint`` reshards
+between world sizes and between FSDP1, FSDP2 and one process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..blocks import Block
+from .buckets import RECORD_FIELDS, BlockRecord
+
+if TYPE_CHECKING:
+    from .optimizer import PreconditionedOptimizer
+
+__all__ = ["Consolidated", "state_dict", "load_state_dict", "consolidate"]
+
+BlockEntry = tuple[int, str, dict[str, Tensor]]  # (param_index, "block{b}", state)
+
+
+@dataclass
+class Consolidated:
+    """Every rank's state collected by ``consolidate_state_dict`` at step ``steps``: blocks,
+    and whole vectors where the backend shards them (FSDP1)."""
+
+    steps: int
+    blocks: list[BlockEntry]
+    vectors: dict[int, dict[str, Tensor]] | None
+
+
+# ---------------------------------------------------------------------------- blocks
+def pack_block(block: Block, record: BlockRecord, tensors: Mapping[str, Tensor], sides: Iterable[str]) -> BlockEntry:
+    """``(param_index, "block{b}", state)``: a block's tensors and counters, as saved."""
+    # Contiguous copies: collectives that broadcast saved state (FSDP2 full state dicts over
+    # gloo) send raw memory, so a transposed view would arrive transposed.
+    out: dict[str, Tensor] = {
+        name: t.detach().clone(memory_format=torch.contiguous_format) for name, t in tensors.items()
+    }
+    out["step"] = torch.tensor(record.step, dtype=torch.int64)
+    out["initialized"] = torch.tensor(record.initialized)
+    out["skipped_steps"] = torch.tensor(record.skipped_steps, dtype=torch.int64)
+    for side in sides:
+        for field_name in RECORD_FIELDS:
+            out[f"{side}.{field_name}"] = torch.tensor(getattr(record.sides[side], field_name), dtype=torch.int64)
+    return block.param_index, f"block{block.block_index}", out
+
+
+def unpack_record(saved: Mapping[str, Tensor], sides: Iterable[str]) -> BlockRecord:
+    record = BlockRecord(
+        step=int(saved["step"]), initialized=bool(saved["initialized"]), skipped_steps=int(saved["skipped_steps"])
+    )
+    for side in sides:
+        for field_name in RECORD_FIELDS:
+            setattr(record.sides[side], field_name, int(saved[f"{side}.{field_name}"]))
+    return record
+
+
+def split_entry(entry: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Mapping[str, Tensor]]]:
+    """A saved parameter entry as (AdamW state, blocks by ``"block{b}"``)."""
+    plain: dict[str, Any] = {}
+    blocks: dict[str, Mapping[str, Tensor]] = {}
+    for key, value in entry.items():
+        if key == "adamw" and isinstance(value, Mapping):
+            plain.update(value)
+        elif key.startswith("block") and isinstance(value, Mapping):
+            blocks[key] = value
+        else:
+            plain[key] = value
+    return plain, blocks
+
+
+def owned_blocks(opt: PreconditionedOptimizer) -> list[BlockEntry]:
+    sides = opt.algorithm.sides
+    out = []
+    for bucket in opt._buckets:
+        tensors = bucket.tensors()
+        for i, block in enumerate(bucket.blocks):
+            out.append(pack_block(block, bucket.records[i], {n: t[i] for n, t in tensors.items()}, sides))
+    return out
+
+
+def all_blocks(opt: PreconditionedOptimizer) -> list[BlockEntry]:
+    owned = owned_blocks(opt)
+    if opt._router is None or opt._router.world_size == 1:
+        return owned
+    return opt._router.gather_objects(owned)
+
+
+# ---------------------------------------------------------------------------- vectors
+def assemble_vectors(opt: PreconditionedOptimizer, pieces: Iterable[tuple[int, int, Mapping[str, Tensor]]]) -> dict[int, dict[str, Tensor]]:
+    """Whole AdamW states from ``(param_index, flat_start, state)`` pieces of vectors."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for index, start, piece in pieces:
+        numel = math.prod(opt._shapes[index])
+        entry = state.setdefault(index, {"step": piece["step"]})
+        for name in ("exp_avg", "exp_avg_sq"):
+            whole = entry.setdefault(name, piece[name].new_zeros(numel))
+            whole[start : start + piece[name].numel()] = piece[name].reshape(-1)
+    for index, entry in state.items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            entry[name] = entry[name].view(opt._shapes[index])
+    return state
+
+
+def whole_vector_states(opt: PreconditionedOptimizer) -> dict[int, tuple[bool, dict[str, Tensor]]]:
+    """Every vector's AdamW state assembled from the pieces the ranks hold (a collective),
+    with whether this rank holds the vector's first element."""
+    assert opt._router is not None
+    index_of = {id(p): i for i, p in enumerate(opt._all_params())}
+    starts = {index: start for index, start, _ in opt._router.checkpoint_layout().vector_pieces}
+    held = ((index_of.get(id(p)), state) for p, state in opt.state.items() if state)
+    mine = [
+        (index, starts[index], {n: t.detach().clone() for n, t in state.items()})
+        for index, state in held
+        if index in starts
+    ]
+    first_here = {index for index, start, _ in mine if start == 0}
+    return {
+        index: (index in first_here, entry)
+        for index, entry in assemble_vectors(opt, opt._router.gather_objects(mine)).items()
+    }
+
+
+def partitioned_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
+    """``state_dict()``'s param groups and vector state where the backend holds flat fragments."""
+    assert opt._planned is not None and opt._router is not None
+    groups, first = [], 0
+    for group, params in zip(opt._groups(), opt._planned):
+        packed = {key: value for key, value in group.items() if key != "params"}
+        packed["params"] = list(range(first, first + len(params)))
+        first += len(params)
+        groups.append(packed)
+    mine = [
+        (index, start, {name: t.detach().clone() for name, t in state.items()})
+        for index, (start, state) in sorted(opt._fragment_state.items())
+    ]
+    state = assemble_vectors(opt, opt._router.gather_objects(mine))
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------- save
+def consolidate(opt: PreconditionedOptimizer) -> Consolidated:
+    vectors = None
+    if opt._router is not None and opt._router.checkpoint_layout().rank_local:
+        vectors = {index: entry for index, (_, entry) in whole_vector_states(opt).items()}
+    return Consolidated(opt._steps_taken, all_blocks(opt), vectors)
+
+
+def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) -> dict[str, Any]:
+    """See :meth:`PreconditionedOptimizer.state_dict`."""
+    base = torch.optim.Optimizer.state_dict
+    rank_local = opt._router is not None and opt._router.checkpoint_layout().rank_local
+    if rank_local and consolidated is None:
+        # FSDP1's API consolidates: this rank's blocks, and the vectors whose first element it holds.
+        packed = base(opt)
+        whole = whole_vector_states(opt)
+        vectors = {index: entry for index, (holds_first, entry) in whole.items() if holds_first}
+        blocks = owned_blocks(opt)
+    else:
+        if consolidated is None or consolidated.steps != opt._steps_taken:
+            consolidated = consolidate(opt)
+        packed = partitioned_state_dict(opt) if opt._flat_partitions() else base(opt)
+        vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
+        blocks = consolidated.blocks
+    packed["state"] = {index: {"adamw": entry} for index, entry in vectors.items()}
+    for param_index, key, value in blocks:
+        packed["state"].setdefault(param_index, {})[key] = value
+    return packed
+
+
+# ---------------------------------------------------------------------------- load
+def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
+    """See :meth:`PreconditionedOptimizer.load_state_dict`."""
+    base_load = torch.optim.Optimizer.load_state_dict
+    entries = {key: split_entry(entry) for key, entry in saved["state"].items()}
+    if opt._plan is None and not opt._deepspeed_took_over() and not any(blocks for _, blocks in entries.values()):
+        # Nothing planned yet and no block state to place: load hyperparameters (and any
+        # AdamW state) without planning, since backends may still swap the parameters
+        # (Accelerate reloads a fresh optimizer's own state_dict before FSDP2 shards).
+        state = {key: plain for key, (plain, _) in entries.items() if plain}
+        base_load(opt, {**saved, "state": state})
+        opt._group_dicts = list(opt.param_groups)
+        opt._configs.clear()
+        return
+    opt._setup()
+    assert opt._plan is not None and opt._router is not None
+    layout = opt._router.checkpoint_layout()
+    rank_local = layout.rank_local
+    # Saved keys are indices, or FQNs when torch.distributed.checkpoint wrote them; as in
+    # torch.optim, they map to parameters by position in the saved param groups.
+    saved_keys = [key for group in saved["param_groups"] for key in group["params"]]
+    position = {key: index for index, key in enumerate(saved_keys)}
+    blocks_by_param: dict[int, dict[str, Mapping[str, Tensor]]] = {}
+    plain_state: dict[Any, Any] = {}
+    for key, (plain, blocks) in entries.items():
+        if plain:
+            plain_state[key] = plain
+        if blocks:
+            if key not in position:
+                raise ValueError(f"checkpoint has state for {key!r}, which is in none of its param groups")
+            blocks_by_param[position[key]] = blocks
+    owned = {block.id for bucket in opt._buckets for block in bucket.blocks}
+    fresh = not (opt._router.any_rank(bool(blocks_by_param)) if rank_local else blocks_by_param)
+    if not fresh:
+        validate_block_state(opt, blocks_by_param, owned if rank_local else None)
+    if rank_local:
+        plain_state = local_vector_pieces(opt, plain_state, position, layout.vector_pieces)
+    if opt._flat_partitions():
+        load_partitioned(opt, saved, {position[k]: v for k, v in plain_state.items() if k in position},
+                         layout.vector_pieces)
+    else:
+        base_load(opt, {**saved, "state": plain_state})
+        opt._group_dicts = list(opt.param_groups)
+    opt._configs.clear()
+    if fresh:  # saved before the first step: start fresh
+        opt._plan = None
+        opt._setup()
+        return
+    sides = opt.algorithm.sides
+    for bucket in opt._buckets:
+        tensors = bucket.tensors()
+        for i, block in enumerate(bucket.blocks):
+            entry = blocks_by_param[block.param_index][f"block{block.block_index}"]
+            for name, tensor in tensors.items():
+                tensor[i].copy_(entry[name])
+            bucket.records[i] = unpack_record(entry, sides)
+
+
+def local_vector_pieces(opt: PreconditionedOptimizer, plain_state: Mapping[Any, Any], position: Mapping[Any, int],
+                        pieces_here: Iterable[tuple[int, int, int]]) -> dict[Any, Any]:
+    """Under FSDP1: the vectors' saved AdamW state cut to the pieces this rank holds.
+
+    A saved tensor is either already this piece (FSDP sliced it) or the whole vector.
+    """
+    pieces = {index: (start, numel) for index, start, numel in pieces_here}
+    local: dict[Any, Any] = {}
+    for key, entry in plain_state.items():
+        index = position.get(key)
+        if index not in pieces:
+            continue  # a vector this rank holds nothing of
+        start, numel = pieces[index]
+        whole = math.prod(opt._shapes[index])
+        cut = {}
+        for name, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                if value.numel() == whole:
+                    value = value.reshape(-1)[start : start + numel]
+                elif value.numel() != numel:
+                    raise ValueError(
+                        f"checkpoint state {name!r} of {opt._name_of_index(index)} has {value.numel()} "
+                        f"elements; expected the whole vector ({whole}) or this rank's piece ({numel})"
+                    )
+            cut[name] = value
+        local[key] = cut
+    return local
+
+
+def load_partitioned(opt: PreconditionedOptimizer, saved: Mapping[str, Any], plain_state: Mapping[int, Mapping[str, Any]],
+                     pieces_here: Iterable[tuple[int, int, int]]) -> None:
+    """Hyperparameters and vector fragments under DeepSpeed ZeRO (the param groups hold flat
+    partitions, so ``torch.optim``'s loader cannot map them)."""
+    assert opt._planned is not None
+    saved_groups = saved["param_groups"]
+    sizes = [len(group["params"]) for group in saved_groups]
+    expected = [len(params) for params in opt._planned]
+    if sizes != expected:
+        raise ValueError(
+            f"checkpoint param groups hold {sizes} parameters, this optimizer's hold {expected} "
+            "(different model or param groups?)"
+        )
+    fragments: dict[int, tuple[int, dict[str, Tensor]]] = {}
+    for index, start, numel in pieces_here:
+        entry = plain_state.get(index, {})
+        if "exp_avg" not in entry:
+            continue
+        state = {"step": entry["step"].detach().clone().to(torch.float32)}
+        for name in ("exp_avg", "exp_avg_sq"):
+            flat = entry[name].reshape(-1)
+            if flat.numel() != math.prod(opt._shapes[index]):
+                raise ValueError(
+                    f"checkpoint state {name!r} of {opt._name_of_index(index)} has {flat.numel()} "
+                    f"elements, expected {math.prod(opt._shapes[index])}"
+                )
+            state[name] = flat[start : start + numel].detach().clone()
+        fragments[index] = (start, state)
+    for group, entry in zip(opt._groups(), saved_groups):
+        group.update({key: value for key, value in entry.items() if key not in ("params", "param_names")})
+    opt._fragment_state = fragments
+
+
+def validate_block_state(
+    opt: PreconditionedOptimizer, saved: Mapping[int, Mapping[str, Mapping[str, Tensor]]], required: set[str] | None = None
+) -> None:
+    """Raise ValueError naming the parameter unless ``saved`` fits this optimizer's plan.
+
+    ``required``: the ids of the blocks that must be present (default: all of them, and no
+    others per parameter).
+    """
+    assert opt._plan is not None
+    expected: dict[int, dict[str, Block]] = {}
+    for block in opt._plan.blocks:
+        expected.setdefault(block.param_index, {})[f"block{block.block_index}"] = block
+    for param_index in sorted(set(saved) - set(expected)):
+        raise ValueError(
+            f"checkpoint has preconditioner state for {opt._name_of_index(param_index)}, "
+            "which this optimizer does not precondition (different model or max_preconditioner_dim?)"
+        )
+    counters = {"step", "initialized", "skipped_steps"} | {
+        f"{side}.{f}" for side in opt.algorithm.sides for f in RECORD_FIELDS
+    }
+    for param_index, blocks in expected.items():
+        name = opt._name_of_index(param_index)
+        got = saved.get(param_index, {})
+        if set(got) - set(blocks) or (required is None and set(got) != set(blocks)):
+            raise ValueError(
+                f"checkpoint blocks of {name} are {sorted(got)}, expected {sorted(blocks)} "
+                "(different shape or max_preconditioner_dim?)"
+            )
+        for key, block in blocks.items():
+            if required is not None and block.id not in required:
+                continue
+            if key not in got:
+                raise ValueError(
+                    f"checkpoint lacks {name} {key}, which this rank owns (under FSDP1, load "
+                    "through FSDP.optim_state_dict_to_load or set_optimizer_state_dict, or a "
+                    "state_dict() taken after consolidate_state_dict())"
+                )
+            m, n = block.shape
+            config = opt._config(block.group_index)
+            for state_name, shape in opt.algorithm.state_shapes(m, n, config).items():
+                tensor = got[key].get(state_name)
+                if tensor is None or tuple(tensor.shape) != shape:
+                    found = None if tensor is None else tuple(tensor.shape)
+                    raise ValueError(
+                        f"checkpoint state {state_name!r} of {name} {key} has shape {found}, "
+                        f"expected {shape} (different model or algorithm?)"
+                    )
+            missing = counters - set(got[key])
+            if missing:
+                raise ValueError(f"checkpoint state of {name} {key} lacks {sorted(missing)}")

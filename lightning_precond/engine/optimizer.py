@@ -1,0 +1,487 @@
+"""The optimizer: orchestration of one step, gather -> algorithm per bucket -> scatter -> vectors.
+
+:class:`PreconditionedOptimizer` runs any :class:`~lightning_precond.algorithms.base.Algorithm`
+over an explicit list of owned blocks, grouped into same-shaped *buckets* whose state is
+stacked ``[k, ...]`` so that every matrix operation is one batched ``torch.linalg`` / ``bmm``
+call. The router decides which blocks this rank owns and where their updates go; the
+engine never knows the backend, and never knows which algorithm runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..algorithms.base import Algorithm, GroupConfig, StepContext
+from ..blocks import Block, BlockPlan, plan_blocks
+from ..distributed.detect import deepspeed_took_over, parameters_are_sharded, resolve_router
+from ..distributed.router import BlockUpdate, Router
+from ..options import EngineOptions
+from . import checkpoint
+from .buckets import Bucket, selected
+from .refresh import RefreshedFactor, RefreshPolicy
+from .stats import FactorStats, factor_stats, stats_order
+from .vectors import adamw_step, fragment_state, whole_vectors, zero_adamw_state
+
+__all__ = ["PreconditionedOptimizer"]
+
+
+class PreconditionedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` running one algorithm over blocked parameters.
+
+    Matrix parameters (order >= 2) are cut into blocks (:mod:`lightning_precond.blocks`);
+    vectors and scalars, and every parameter of a group with ``"precondition": False``, take
+    AdamW with the hyperparameters the group's config names (``vector_adamw``).
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: GroupConfig, algorithm: Algorithm, **options: Any) -> None:
+        self.algorithm = algorithm
+        self.options = EngineOptions(**options)
+        self._configs: dict[int, tuple[tuple[Any, ...], GroupConfig]] = {}
+        # The param-group dicts and their parameters as built (DeepSpeed ZeRO later replaces
+        # the parameters by flat partitions inside the same dicts; see _groups()).
+        self._group_dicts: list[dict[str, Any]] = []
+        self._group_params: list[list[Tensor]] = []
+        super().__init__(params, {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)})
+        self._plan: BlockPlan | None = None
+        self._planned: list[list[Tensor]] | None = None  # the parameters the plan indexes, per group
+        self._group_of: list[int] = []
+        self._shapes: list[tuple[int, ...]] = []
+        # Vectors held as flat fragments (DeepSpeed ZeRO): param index -> (flat start, AdamW state).
+        self._fragment_state: dict[int, tuple[int, dict[str, Tensor]]] = {}
+        self._router: Router | None = None
+        self._buckets: list[Bucket] = []
+        self._refresh = RefreshPolicy(algorithm, self.options, self._name_of_index)
+        self._steps_taken = 0
+        self._consolidated: checkpoint.Consolidated | None = None
+
+    # ------------------------------------------------------------------ groups and configs
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._group_dicts.append(group)
+        self._group_params.append(list(group["params"]))
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError("complex parameters are not supported by preconditioned optimizers")
+        if not isinstance(group.get("precondition", True), bool):
+            raise ValueError(f"precondition must be a bool, got {group['precondition']!r}")
+        self.algorithm.config_type.from_group(group)  # validates, naming the argument
+        if getattr(self, "_plan", None) is not None:
+            raise RuntimeError("add_param_group after the first step is not supported yet")
+
+    def _config(self, group_index: int) -> GroupConfig:
+        """The validated config of a param group, rebuilt only when the group's values changed
+        (a learning-rate schedule, or a user editing the group)."""
+        group = self._groups()[group_index]
+        cached = self._configs.get(group_index)
+        if cached is not None and cached[1].values_of(group) == cached[0]:
+            return cached[1]
+        config = self.algorithm.config_type.from_group(group)
+        self._configs[group_index] = (config.values_of(group), config)
+        return config
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """The param groups that ``Block.group_index`` indexes.
+
+        ``self.param_groups`` except under DeepSpeed ZeRO, which calls ``step()`` with
+        ``param_groups`` cut to one group (ZeRO-1/2) or drops empty groups: there, the dicts
+        as built (DeepSpeed edits them in place, so learning-rate schedules still apply).
+        """
+        if self._flat_partitions():
+            return self._group_dicts
+        return self.param_groups
+
+    # ------------------------------------------------------------------ set-up
+    def _all_params(self) -> list[Tensor]:
+        """The parameters the plan indexes (once planned), else those in ``param_groups``."""
+        if self._planned is not None:
+            return [p for group in self._planned for p in group]
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _deepspeed_took_over(self) -> bool:
+        return deepspeed_took_over(self._group_params)
+
+    def _parameters_final(self) -> bool:
+        """Whether a sharding backend already holds the parameters (DeepSpeed ZeRO, FSDP1,
+        FSDP2), so that planning now cannot bind to tensors it would swap later. Then
+        ``state_dict()`` plans first: checkpoint templates built from it (DCP, Accelerate's
+        FSDP loaders) must cover every block, even before the first step."""
+        return self._deepspeed_took_over() or parameters_are_sharded(self._all_params())
+
+    def _flat_partitions(self) -> bool:
+        return self._router is not None and self._router.flat_partitions
+
+    def _state_dtype(self, param: Tensor) -> torch.dtype:
+        if self.options.preconditioner_dtype is not None:
+            return self.options.preconditioner_dtype
+        return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def _setup(self) -> None:
+        """Plan blocks, pick owners and allocate owned state (lazily: backends may swap params)."""
+        if self._plan is not None:
+            return
+        current = [list(group["params"]) for group in self.param_groups]
+        state_dtypes = {self._state_dtype(p) for group in current for p in group}
+        communication_dtype = self.options.communication_dtype or (
+            torch.float64 if torch.float64 in state_dtypes else torch.float32
+        )
+        router = resolve_router(
+            self.options.distributed,
+            communication_dtype,
+            [p for group in current for p in group],
+            optimizer=self,
+            original_groups=self._group_params,
+        )
+        self._router = router
+        planned = router.plan_groups(current)
+        params = [p for group in planned for p in group]
+        group_of = [gi for gi, group in enumerate(planned) for _ in group]
+        global_shapes = router.global_shapes(params)
+        unblocked = {i for i, gi in enumerate(group_of) if not self._groups()[gi].get("precondition", True)}
+        plan = plan_blocks(
+            global_shapes, group_of, self.options.block_limit, self.options.precondition_1d, unblocked=unblocked
+        )
+        owners = router.setup(params, plan)
+        self._planned, self._group_of, self._shapes = planned, group_of, global_shapes
+        grouped: dict[tuple[int, int, int], list[Block]] = {}
+        for block, owner in zip(plan.blocks, owners):
+            if owner == router.rank:
+                grouped.setdefault((block.group_index, *block.shape), []).append(block)
+        buckets = []
+        for (group_index, m, n), blocks in grouped.items():
+            param = params[blocks[0].param_index]
+            state = self.algorithm.create_state(
+                len(blocks), m, n, self._config(group_index), self._state_dtype(param), param.device
+            )
+            buckets.append(Bucket(blocks, state))
+        self._plan, self._router, self._buckets = plan, router, buckets
+        if not router.flat_partitions:
+            # Vectors' AdamW state exists from the start (as the blocks' does): checkpoint
+            # templates built before the first step (DCP, FSDP1) then cover every parameter.
+            for p, shape in zip(params, plan.matrix_shapes):
+                if shape is None and not self.state.get(p):
+                    self.state[p] = zero_adamw_state(p)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_gradients()
+        self._setup()
+        configs = [self._config(gi) for gi in range(len(self._groups()))]  # validated before any change
+        self._steps_taken += 1
+        assert self._router is not None
+        self._check_params_unchanged()
+        self._router.begin_step(self.param_groups)
+        try:
+            self._step_blocks(configs)
+            self._step_vectors(configs)
+        finally:
+            self._router.end_step()
+        return loss
+
+    def _check_params_unchanged(self) -> None:
+        """Refuse to step on parameters other than those the plan was made for (a backend that
+        swapped them afterwards would leave the blocks updating tensors nobody uses)."""
+        assert self._router is not None and self._planned is not None
+        if self._router.flat_partitions:
+            return
+        if self._deepspeed_took_over():
+            raise RuntimeError(
+                "DeepSpeed ZeRO took over the parameters after this optimizer planned its blocks (was "
+                "preconditioner_stats(), refresh_eigenbasis() or load_state_dict() called before "
+                "deepspeed.initialize?); build the DeepSpeed engine first"
+            )
+        current = [p for group in self.param_groups for p in group["params"]]
+        planned = self._all_params()
+        if len(current) != len(planned) or any(a is not b for a, b in zip(current, planned)):
+            raise RuntimeError(
+                "the parameters in param_groups were replaced after this optimizer planned its blocks "
+                "(at load_state_dict with preconditioner state, preconditioner_stats() or the first "
+                "step); wrap or shard the model (FSDP, accelerator.prepare) before that"
+            )
+
+    def _check_gradients(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self._name(p)}: sparse gradients are not supported")
+                if torch.is_complex(p.grad):
+                    raise RuntimeError(f"{self._name(p)}: complex gradients are not supported")
+
+    def _step_blocks(self, configs: list[GroupConfig]) -> None:
+        assert self._router is not None
+        work = []
+        # One call for every owned block: routers with collectives make one per step.
+        all_grads = self._router.block_gradients([b for bucket in self._buckets for b in bucket.blocks])
+        offset = 0
+        for bucket in self._buckets:
+            grads = all_grads[offset : offset + len(bucket.blocks)]
+            offset += len(bucket.blocks)
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                continue
+            dtype = next(iter(bucket.tensors().values())).dtype
+            stacked = torch.stack([grads[i] for i in present]).to(dtype)  # type: ignore[misc]
+            work.append((bucket, present, stacked))
+        finite, used = self._gradient_flags(work)
+        updates: list[BlockUpdate] = []
+        offset = 0
+        for bucket, present, stacked in work:
+            flags = finite[offset : offset + len(present)]
+            nonzero = used[offset : offset + len(present)]
+            offset += len(present)
+            if not all(nonzero):
+                rows = [r for r, used in enumerate(nonzero) if used]
+                present, flags = [present[r] for r in rows], [flags[r] for r in rows]
+                stacked = stacked[rows]
+                if not rows:
+                    continue
+            updates.extend(self._step_bucket(bucket, present, stacked, flags, configs[bucket.group_index]))
+        self._router.apply_updates(updates, [config.decay for config in configs])
+
+    def _gradient_flags(self, work: list[tuple[Bucket, list[int], Tensor]]) -> tuple[list[bool], list[bool]]:
+        """Whether each block's gradient is finite, and whether it is not all zeros: one host
+        sync per step, for all blocks.
+
+        With ``nonfinite_grad="raise"`` all ranks agree (one tiny all-reduce) and raise together.
+        A block whose gradient is all zeros is treated as having no gradient: it carries
+        nothing to learn from and would give SOAP a basis of zeros (Lightning's and DCP's
+        zero-gradient, lr-0 initialization step; ZeRO's zero gradients for unused parameters).
+        """
+        if work:
+            checks = [torch.stack([torch.isfinite(g).flatten(1).all(dim=1), g.flatten(1).ne(0).any(dim=1)])
+                      for _, _, g in work]
+            finite, nonzero = torch.cat(checks, dim=1).tolist()
+        else:
+            finite, nonzero = [], []
+        assert self._router is not None
+        if self.options.nonfinite_grad == "raise" and self._router.any_rank(not all(finite)):
+            blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
+            bad = [b for b, ok in zip(blocks, finite) if not ok]
+            names = ", ".join(f"{self._name_of_index(b.param_index)} block {b.id}" for b in bad[:5])
+            names = names or "a block owned by another rank"
+            raise FloatingPointError(
+                f"non-finite gradient in {names} (nonfinite_grad='raise'); "
+                "use nonfinite_grad='skip' to skip such blocks instead"
+            )
+        return finite, nonzero
+
+    def _step_bucket(
+        self, bucket: Bucket, present: list[int], grads: Tensor, finite: list[bool], config: GroupConfig
+    ) -> list[BlockUpdate]:
+        records = bucket.records
+        for i, ok in zip(present, finite):
+            if not ok:
+                records[i].skipped_steps += 1
+        # Blocks in the same phase and at the same step are computed together.
+        phases: dict[tuple[bool, int], list[int]] = {}
+        for row, (i, ok) in enumerate(zip(present, finite)):
+            if ok:
+                phases.setdefault((records[i].initialized, records[i].step), []).append(row)
+        updates: list[BlockUpdate] = []
+        # W <- decay W - a U (AdamW order), or (W - a U) decay when the algorithm decays after.
+        after = config.decay if self.algorithm.decay_after_update else 1.0
+        for (initialized, step), rows in phases.items():
+            positions = [present[r] for r in rows]
+            g = grads if len(rows) == grads.shape[0] else grads[rows]
+            with selected(bucket.state, positions, len(bucket.blocks)) as state:
+                direction = self.algorithm.step(state, g, self._context(bucket, positions, state, step + 1,
+                                                                        not initialized, config))
+            for i in positions:
+                records[i].initialized = True
+                if direction is not None:
+                    records[i].step = step + 1
+            if direction is None:
+                continue
+            delta = direction.update * (-direction.step_size * after)
+            updates.extend(BlockUpdate(bucket.blocks[i], delta[r]) for r, i in enumerate(positions))
+        return updates
+
+    def _context(self, bucket: Bucket, positions: list[int], state: Any, step: int, first: bool,
+                 config: GroupConfig) -> StepContext:
+        policy = self._refresh
+        return StepContext(
+            step=step,
+            first=first,
+            config=config,
+            refresh_all=lambda method: policy.refresh_sides(bucket, positions, state, method, self.algorithm.sides, 0),
+            refresh_if_due=lambda: policy.maybe_refresh(bucket, positions, state, step, config),
+        )
+
+    def _step_vectors(self, configs: list[GroupConfig]) -> None:
+        assert self._plan is not None and self._router is not None
+        pieces = self._router.vector_pieces()
+        if pieces is None:
+            is_matrix = [shape is not None for shape in self._plan.matrix_shapes]
+            whole_vectors(self.param_groups, is_matrix, self.state, configs)
+            return
+        # Flat fragments (DeepSpeed ZeRO): elementwise, so each element follows one process.
+        by_group: dict[int, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = {}
+        for piece in pieces:
+            if piece.grad is None or piece.numel == 0:
+                continue
+            if piece.param_index not in self._fragment_state:
+                self._fragment_state[piece.param_index] = (piece.flat_start, fragment_state(piece.value))
+            _, state = self._fragment_state[piece.param_index]
+            by_group.setdefault(self._group_of[piece.param_index], []).append((piece.value, piece.grad, state))
+        for group_index, items in by_group.items():
+            adamw_step(items, configs[group_index])
+
+    # ------------------------------------------------------------------ control (callbacks)
+    @property
+    def refresh_owner(self) -> object | None:
+        """Who schedules refreshes; ``None`` means the optimizer's own ``refresh`` policy."""
+        return self._refresh.owner
+
+    def attach_refresh_owner(self, owner: object) -> None:
+        """Hand refresh scheduling to ``owner`` (e.g. a callback): the optimizer's own
+        frequency-based or adaptive refresh stops until :meth:`detach_refresh_owner`."""
+        current = self._refresh.owner
+        if current is not None and current is not owner:
+            raise RuntimeError(
+                f"refresh scheduling is already owned by {type(current).__name__}; "
+                "attach only one scheduler (RootRecomputeScheduler or AdaptiveEigenbasisRefresh)"
+            )
+        self._refresh.owner = owner
+
+    def detach_refresh_owner(self, owner: object | None = None) -> None:
+        if owner is None or owner is self._refresh.owner:
+            self._refresh.owner = None
+
+    def first_refresh_steps(self) -> list[int]:
+        """Per param group, the first step at which bases are refreshed by the schedule (0:
+        the algorithm builds its basis from the first gradient)."""
+        return [self.algorithm.refresh_start(self._config(gi)) for gi in range(len(self._groups()))]
+
+    def refresh_eigenbasis(
+        self,
+        select: str | Iterable[str | tuple[str, str]] | None = None,
+        method: str | None = None,
+        tolerance: float | None = None,
+    ) -> list[RefreshedFactor]:
+        """Recompute eigenbases now; returns the factors refreshed.
+
+        Args:
+            select: ``None`` for every factor; ``"stale"`` for the factors whose staleness
+                exceeds ``tolerance``; or block ids (``"3.0"``) / ``(block_id, side)`` pairs.
+            method: ``"eigh"``, ``"qr"`` (warm-started QR algorithm) or ``"power"``;
+                default ``"qr"`` for ``"stale"``, else the optimizer's ``refresh_method``.
+            tolerance: staleness threshold for ``"stale"`` and the QR algorithm's target;
+                default ``refresh_tolerance``.
+        """
+        self._setup()
+        assert self._plan is not None
+        known = {b.id for b in self._plan.blocks}
+        return self._refresh.refresh_now(self._buckets, known, select, method, tolerance)
+
+    def preconditioner_stats(
+        self,
+        names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None,
+        gather: bool = False,
+    ) -> list[FactorStats]:
+        """One record per factor (see :class:`FactorStats`), sorted by block id and side
+        (none for algorithms without factors, such as Muon).
+
+        By default only the factors this rank owns; with ``gather=True`` every rank's
+        records are collected on every rank (a collective: all ranks must call it).
+
+        Staleness is computed on demand from the current factors (two batched matmuls per
+        stack), so nothing is spent when this is never called. ``names`` (e.g.
+        ``model.named_parameters()``) names the parameters when the optimizer was not built
+        from named parameters.
+        """
+        self._setup()
+        lookup = self._names_from(names)
+        records = factor_stats(
+            self.algorithm, self._buckets, lambda index: lookup.get(index) or self._name_of_index(index)
+        )
+        if gather:
+            assert self._router is not None
+            records = self._router.gather_objects(records)
+        return sorted(records, key=stats_order)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank (block state and vector state)."""
+        total = sum(t.numel() * t.element_size() for b in self._buckets for t in b.tensors().values())
+        states = [*self.state.values(), *(state for _, state in self._fragment_state.values())]
+        for state in states:
+            total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
+        return total
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The standard ``torch.optim`` format: ``{"state": {param_index: {...}}, "param_groups"}``
+        (the layout: :mod:`lightning_precond.engine.checkpoint`).
+
+        Under DeepSpeed ZeRO (which calls this on every rank and saves each rank's) the
+        result is the same as with one process: param groups list the model's parameters and
+        vectors' AdamW state is assembled from every rank's fragments (a collective).
+
+        Under FSDP1 this is the per-rank input of FSDP's optimizer-state API
+        (``FSDP.optim_state_dict``, ``get_optimizer_state_dict``; Lightning's
+        ``FSDPStrategy`` calls them), which consolidates it: each rank returns the blocks it
+        owns, and each vector's whole AdamW state on the rank holding its first element.
+        After :meth:`consolidate_state_dict` it is instead complete on every rank. Loading
+        accepts both.
+        """
+        if self._router is None and self._parameters_final():
+            self._setup()
+        consolidated, self._consolidated = self._consolidated, None
+        return checkpoint.state_dict(self, consolidated)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collect every rank's block state (a collective), so that a following
+        :meth:`state_dict` on any single rank is complete.
+
+        Lightning calls this on all ranks and then ``state_dict()`` on rank 0 only, the
+        ``ZeroRedundancyOptimizer`` convention. Calling ``state_dict()`` on all ranks
+        (Accelerate) works without it.
+        """
+        self._consolidated = checkpoint.consolidate(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved at any world size; validated fully before anything changes.
+
+        Under FSDP1 each rank needs only the entries of the parameters it holds a piece of
+        (what ``FSDP.optim_state_dict_to_load`` hands it).
+        """
+        checkpoint.load_state_dict(self, state_dict)
+
+    # ------------------------------------------------------------------ names
+    def _name(self, param: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p is param:
+                    names = group.get("param_names")
+                    return names[pi] if names else f"param group {gi} parameter {pi}"
+        return "parameter"
+
+    def _name_of_index(self, index: int) -> str:
+        if self._planned is None:
+            params = self._all_params()
+            return self._name(params[index]) if index < len(params) else f"parameter {index}"
+        position = index
+        for gi, params in enumerate(self._planned):
+            if position < len(params):
+                names = self._groups()[gi].get("param_names")
+                return names[position] if names else f"param group {gi} parameter {position}"
+            position -= len(params)
+        return f"parameter {index}"
+
+    def _names_from(self, names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None) -> dict[int, str]:
+        if names is None:
+            return {}
+        pairs = names.items() if isinstance(names, Mapping) else names
+        by_id = {id(p): n for n, p in pairs}
+        return {i: by_id[id(p)] for i, p in enumerate(self._all_params()) if id(p) in by_id}

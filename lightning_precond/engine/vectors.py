@@ -1,0 +1,82 @@
+"""The vector path: AdamW, through torch's own functional kernel, for every parameter the
+block plan leaves unblocked (biases, norm weights, scalars).
+
+Whole local parameters keep ``torch.optim.AdamW``'s state (``step``, ``exp_avg``,
+``exp_avg_sq``) in ``optimizer.state``, so their trajectory *is* torch's AdamW. Where a
+backend hands flat fragments (DeepSpeed ZeRO) the same kernel runs on the fragments: AdamW is
+elementwise, so each element follows the one-process update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+
+__all__ = ["zero_adamw_state", "adamw_step", "fragment_state"]
+
+
+def zero_adamw_state(p: Tensor) -> dict[str, Tensor]:
+    """``torch.optim.AdamW``'s fresh state for ``p``."""
+    return {
+        "step": torch.zeros((), dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
+def fragment_state(value: Tensor) -> dict[str, Tensor]:
+    """AdamW state of a flat fragment."""
+    return {
+        "step": torch.zeros((), dtype=torch.float32),
+        "exp_avg": torch.zeros_like(value),
+        "exp_avg_sq": torch.zeros_like(value),
+    }
+
+
+def adamw_step(
+    items: Iterable[tuple[Tensor, Tensor, MutableMapping[str, Tensor]]],
+    config: Any,
+) -> None:
+    """One AdamW step of every ``(value, grad, state)`` with a group config's ``lr``,
+    ``weight_decay`` and :meth:`vector_adamw` hyperparameters (one kernel call)."""
+    values, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    for value, grad, state in items:
+        values.append(value)
+        grads.append(grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+    if not values:
+        return
+    beta1, beta2, eps = config.vector_adamw()
+    adamw(
+        values, grads, exp_avgs, exp_avg_sqs, [], steps,
+        foreach=None,  # torch picks its own default path, as torch.optim.AdamW does
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=config.lr, weight_decay=config.weight_decay,
+        eps=eps, maximize=False,
+    )
+
+
+def whole_vectors(
+    groups: Sequence[Mapping[str, Any]],
+    is_matrix: Sequence[bool],
+    state: MutableMapping[Tensor, Any],
+    configs: Sequence[Any],
+) -> None:
+    """AdamW on the whole local vectors of every group (``is_matrix`` indexes all params)."""
+    index = 0
+    for group, config in zip(groups, configs):
+        items = []
+        for p in group["params"]:
+            matrix = is_matrix[index]
+            index += 1
+            if matrix or p.grad is None:
+                continue
+            if not state.get(p):
+                state[p] = zero_adamw_state(p)
+            items.append((p, p.grad, state[p]))
+        adamw_step(items, config)

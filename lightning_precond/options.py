@@ -1,0 +1,118 @@
+"""Optimizer-wide options, shared by every algorithm (per-group hyperparameters live in each
+algorithm's config, see :mod:`lightning_precond.algorithms`).
+
+:class:`EngineOptionsDict` is the same set as a ``TypedDict``, so the presets' ``**options``
+are typed (``Unpack[EngineOptionsDict]``): type checkers, ``help()`` and LightningCLI see
+every option with its choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+import torch
+
+from .algorithms.eigenbasis import REFRESH_METHODS
+
+__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_tolerance"]
+
+NONFINITE_POLICIES = ("skip", "raise")
+REFRESH_MODES = ("periodic", "adaptive")
+_COMMUNICATION_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class EngineOptionsDict(TypedDict, total=False):
+    """The optimizer-wide keyword options of every preset."""
+
+    #: Largest side of a block; larger dims are cut into blocks (None: whole matrices).
+    max_preconditioner_dim: int | None
+    #: Dtype of factors, bases and moments (None: float32, or float64 for float64 parameters).
+    preconditioner_dtype: torch.dtype | None
+    #: "periodic": refresh every precondition_frequency steps; "adaptive": when stale.
+    refresh: Literal["periodic", "adaptive"]
+    #: How bases are refreshed (None: the algorithm's own).
+    refresh_method: Literal["eigh", "qr", "power"] | None
+    #: Staleness above which the adaptive refresh recomputes a basis, in (0, 1].
+    refresh_tolerance: float
+    #: Steps between staleness checks of the adaptive refresh.
+    refresh_check_interval: int
+    #: Iteration cap of the warm-started QR algorithm.
+    max_qr_iterations: int
+    #: What a non-finite gradient does: skip the block's step, or raise.
+    nonfinite_grad: Literal["skip", "raise"]
+    #: Consecutive refresh failures of one factor before step() raises.
+    max_consecutive_failures: int
+    #: Precondition vectors as 1 x n matrices instead of AdamW.
+    precondition_1d: bool
+    #: "auto" (detect the backend), None (each rank alone), a module (FSDP1) or a process group.
+    distributed: Any
+    #: Dtype of the routing collectives (None: float32, float64 for float64 state).
+    communication_dtype: torch.dtype | None
+
+
+def check_tolerance(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """Optimizer-wide options (see :class:`EngineOptionsDict` for their meaning)."""
+
+    max_preconditioner_dim: int | None = 1024
+    preconditioner_dtype: torch.dtype | None = None
+    refresh: str = "periodic"
+    refresh_method: str | None = None
+    refresh_tolerance: float = 0.1
+    refresh_check_interval: int = 10
+    max_qr_iterations: int = 10
+    nonfinite_grad: str = "skip"
+    max_consecutive_failures: int = 3
+    precondition_1d: bool = False
+    distributed: Any = "auto"
+    communication_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_preconditioner_dim is not None:
+            if isinstance(self.max_preconditioner_dim, bool) or not isinstance(self.max_preconditioner_dim, int) \
+                    or self.max_preconditioner_dim < 1:
+                raise ValueError(
+                    f"max_preconditioner_dim must be a positive int or None, got {self.max_preconditioner_dim!r}"
+                )
+        if self.preconditioner_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(
+                "preconditioner_dtype must be None, torch.float32 or torch.float64, "
+                f"got {self.preconditioner_dtype}"
+            )
+        if self.refresh not in REFRESH_MODES:
+            raise ValueError(f"refresh must be one of {REFRESH_MODES}, got {self.refresh!r}")
+        if self.refresh_method is not None and self.refresh_method not in REFRESH_METHODS:
+            raise ValueError(f"refresh_method must be one of {REFRESH_METHODS}, got {self.refresh_method!r}")
+        check_tolerance(self.refresh_tolerance, "refresh_tolerance")
+        _check_int(self.refresh_check_interval, "refresh_check_interval", 1)
+        _check_int(self.max_qr_iterations, "max_qr_iterations", 1)
+        if self.nonfinite_grad not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {self.nonfinite_grad!r}")
+        _check_int(self.max_consecutive_failures, "max_consecutive_failures", 1)
+        if not isinstance(self.precondition_1d, bool):
+            raise ValueError(f"precondition_1d must be a bool, got {self.precondition_1d!r}")
+        if self.communication_dtype not in _COMMUNICATION_DTYPES:
+            raise ValueError(
+                "communication_dtype must be None or a floating dtype (float32, float64, bfloat16, "
+                f"float16), got {self.communication_dtype}"
+            )
+        if isinstance(self.distributed, str) and self.distributed != "auto":
+            raise ValueError(
+                f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"
+            )
+
+    @property
+    def block_limit(self) -> int:
+        """``max_preconditioner_dim`` as a number (no limit: whole matrices)."""
+        return self.max_preconditioner_dim if self.max_preconditioner_dim is not None else 2**62
