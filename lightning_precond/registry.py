@@ -59,6 +59,7 @@ ALGORITHMS: Mapping[str, AlgorithmEntry] = _entries(
                    short_run={"lr": 3e-3, "precondition_frequency": 5}),
     AlgorithmEntry(name="EigenvalueCorrectedShampoo", optimizer=optimizers.EigenvalueCorrectedShampoo,
                    short_run={"lr": 3e-3, "precondition_frequency": 5}),
+    AlgorithmEntry(name="Muon", optimizer=optimizers.Muon, short_run={"lr": 3e-3}, has_basis=False),
 )
 
 

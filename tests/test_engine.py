@@ -12,7 +12,16 @@ import lightning_precond as lp
 from lightning_precond.blocks import matrix_shape, plan_blocks
 from lightning_precond.ownership import assign_owners
 
-ALGORITHMS = [lp.SOAP, lp.Shampoo, lp.KLShampoo, lp.KLSOAP, lp.EigenvalueCorrectedShampoo]
+from lightning_precond.registry import ALGORITHMS as REGISTRY
+
+ALGORITHMS = list(REGISTRY)
+
+
+def build(name: str, params, **basis_options) -> lp.PreconditionedOptimizer:
+    """The registered optimizer with its defaults; ``basis_options`` (refresh settings) apply
+    only to algorithms with a basis."""
+    entry = REGISTRY[name]
+    return entry.optimizer(params, **(basis_options if entry.has_basis else {}))
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:
@@ -113,7 +122,7 @@ def test_ownership_respects_candidate_ranks():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_trains_a_small_model(algorithm):
     model = small_model()
-    losses = train(model, algorithm(model.parameters(), lr=3e-3), 60)
+    losses = train(model, REGISTRY[algorithm].optimizer(model.parameters(), lr=3e-3), 60)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-10:]) < sum(losses[:10])
 
@@ -121,7 +130,7 @@ def test_every_algorithm_trains_a_small_model(algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_params_without_grad_are_skipped(algorithm):
     model = small_model()
-    opt = algorithm(model.parameters())
+    opt = build(algorithm, model.parameters())
     frozen = model[2].weight
     before = frozen.detach().clone()
     for _ in range(3):
@@ -236,7 +245,7 @@ def test_repeated_eigh_failures_raise_naming_parameter_and_block(monkeypatch):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_nan_gradient_with_skip_leaves_factors_untouched(algorithm):
     model = small_model()
-    opt = algorithm(model.parameters(), precondition_frequency=2)
+    opt = build(algorithm, model.parameters(), precondition_frequency=2)
     train(model, opt, 3)
     before = [{k: v.clone() for k, v in b.tensors().items()} for b in opt._buckets]
     weights = [p.detach().clone() for p in model.parameters()]
@@ -268,7 +277,7 @@ def test_nan_gradient_with_raise_names_the_parameter():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_state_dict_round_trip_is_bitwise(algorithm):
     reference_model = small_model()
-    reference = algorithm(reference_model.parameters(), precondition_frequency=3)
+    reference = build(algorithm, reference_model.parameters(), precondition_frequency=3)
     train(reference_model, reference, 10, seed=1)
 
     buffer = io.BytesIO()
@@ -279,7 +288,7 @@ def test_state_dict_round_trip_is_bitwise(algorithm):
     saved = torch.load(buffer, weights_only=True)
     resumed_model = small_model(seed=99)
     resumed_model.load_state_dict(saved["model"])
-    resumed = algorithm(resumed_model.parameters(), precondition_frequency=3)
+    resumed = build(algorithm, resumed_model.parameters(), precondition_frequency=3)
     resumed.load_state_dict(saved["opt"])
     losses_resumed = train(resumed_model, resumed, 20, seed=2)
     assert losses_resumed == losses_reference
@@ -342,7 +351,7 @@ def test_zero_gradient_lr0_step_leaves_no_trace(algorithm):
                                    torch.nn.Linear(16, 4, bias=False))
 
     model, reference_model = bias_free(), bias_free()
-    opt, reference = algorithm(model.parameters()), algorithm(reference_model.parameters())
+    opt, reference = build(algorithm, model.parameters()), build(algorithm, reference_model.parameters())
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     lrs = [g["lr"] for g in opt.param_groups]
@@ -401,3 +410,83 @@ def test_parameters_swapped_after_planning_are_refused():
     _swap_parameters(model, opt)
     with pytest.raises(RuntimeError, match="replaced after this optimizer planned"):
         train(model, opt, 1)
+
+
+# ---------------------------------------------------------------- the design is open
+def test_every_registered_optimizer_is_exported_and_in_the_registry():
+    exported = {name for name in lp.__all__ if isinstance(getattr(lp, name), type)
+                and issubclass(getattr(lp, name), lp.PreconditionedOptimizer)
+                and getattr(lp, name) is not lp.PreconditionedOptimizer}
+    assert exported == set(REGISTRY)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_stats_and_refresh_work_for_every_algorithm(algorithm):
+    """An algorithm without a basis (Muon) has no factor records and nothing to refresh;
+    neither call may fail (they used to raise KeyError for anything but two factors)."""
+    model = small_model()
+    opt = build(algorithm, model.parameters())
+    train(model, opt, 3)
+    stats = opt.preconditioner_stats()
+    refreshed = opt.refresh_eigenbasis()
+    if REGISTRY[algorithm].has_basis:
+        assert stats and refreshed
+    else:
+        assert stats == [] and refreshed == []
+
+
+def test_shampoo_summed_factors_with_adam_grafting_move_the_weights():
+    """betas[1] = 1 (AdaGrad-style sums) once made the graft divide by 1 - 1**t = 0."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = lp.Shampoo(model.parameters(), lr=1e-2, betas=(0.9, 1.0))
+    before = model[0].weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        opt.zero_grad()
+        model(torch.randn(16, 8, generator=gen)).square().mean().backward()
+        opt.step()
+    moved = (model[0].weight - before).abs().max().item()
+    assert torch.isfinite(model[0].weight).all() and moved > 1e-4
+    # The graft and the vectors share one resolution of the grafting beta2 (0.999 here).
+    assert opt._config(0).graft_beta2 == 0.999 == opt._config(0).vector_adamw()[1]
+
+
+def test_a_group_with_precondition_false_is_torch_adamw():
+    torch.manual_seed(0)
+    model = small_model()
+    twin = small_model()
+    groups = [{"params": model[0].parameters(), "precondition": False, "lr": 2e-3, "weight_decay": 0.1},
+              {"params": [*model[2].parameters(), *model[4].parameters()]}]
+    opt = lp.SOAP(groups, betas=(0.9, 0.99), eps=1e-7)
+    reference = torch.optim.AdamW(twin[0].parameters(), lr=2e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x = torch.randn(8, 12, generator=gen)
+        for net, optimizer in ((model, opt), (twin, reference)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+        # Same gradient for the AdamW group: only model[0] is compared.
+        for a, b in zip(model[0].parameters(), twin[0].parameters()):
+            b.grad = a.grad.clone()
+        opt.step()
+        reference.step()
+    for a, b in zip(model[0].parameters(), twin[0].parameters()):
+        assert torch.equal(a, b)
+    assert all(block.param_index >= 2 for block in opt._plan.blocks)
+    assert set(opt.state[model[0].weight]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_precondition_must_be_a_bool():
+    with pytest.raises(ValueError, match="precondition"):
+        lp.SOAP([{"params": small_model().parameters(), "precondition": "no"}])
+
+
+def test_edited_group_values_are_validated_at_step_before_anything_changes():
+    model = small_model()
+    opt = lp.SOAP(model.parameters())
+    train(model, opt, 2)
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        train(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
