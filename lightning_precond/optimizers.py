@@ -19,7 +19,7 @@ from .algorithms.muon import MuonConfig, Orthogonalized
 from .algorithms.scaling import AdamInBasisScaling, EigenvalueCorrectedScaling, InverseRootScaling, KLEigenvalueScaling
 from .algorithms.statistics import KroneckerStatistics, TwoSidedStatistics
 from .engine import PreconditionedOptimizer
-from .options import EngineOptionsDict
+from .options import EngineOptionsDict, options_help
 
 __all__ = ["SOAP", "Shampoo", "KLShampoo", "KLSOAP", "EigenvalueCorrectedShampoo", "Muon"]
 
@@ -153,8 +153,13 @@ class Muon(PreconditionedOptimizer):
     def __init__(self, params: Params, lr: float = 1e-3, *, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.01, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32,
                  update_scale: Literal["rms", "shape"] = "rms", betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, max_preconditioner_dim: int | None = None,
-                 **options: Unpack[EngineOptionsDict]) -> None:
+                 eps: float = 1e-8, **options: Unpack[EngineOptionsDict]) -> None:
         config = MuonConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                             ns_steps=ns_steps, ns_dtype=ns_dtype, update_scale=update_scale, betas=betas, eps=eps)
-        super().__init__(params, config, Orthogonalized(), max_preconditioner_dim=max_preconditioner_dim, **options)
+        options.setdefault("max_preconditioner_dim", None)  # whole matrices: Newton–Schulz needs them
+        super().__init__(params, config, Orthogonalized(), **options)
+
+
+for _preset in (SOAP, KLSOAP, KLShampoo, EigenvalueCorrectedShampoo, Shampoo):
+    _preset.__doc__ = (_preset.__doc__ or "") + options_help()
+Muon.__doc__ = (Muon.__doc__ or "") + options_help(max_preconditioner_dim=None)

@@ -15,7 +15,7 @@ import torch
 
 from .algorithms.eigenbasis import REFRESH_METHODS
 
-__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_tolerance"]
+__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_tolerance", "options_help"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 REFRESH_MODES = ("periodic", "adaptive")
@@ -23,31 +23,34 @@ _COMMUNICATION_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, tor
 
 
 class EngineOptionsDict(TypedDict, total=False):
-    """The optimizer-wide keyword options of every preset."""
+    """The optimizer-wide keyword options of every preset.
 
-    #: Largest side of a block; larger dims are cut into blocks (None: whole matrices).
+    Args:
+        max_preconditioner_dim: Largest side of a block; larger dims are cut into blocks (None: whole matrices).
+        preconditioner_dtype: Dtype of factors, bases and moments (None: float32, or float64 for float64 parameters).
+        refresh: "periodic": refresh every precondition_frequency steps; "adaptive": when stale.
+        refresh_method: How bases are refreshed (None: the algorithm's own).
+        refresh_tolerance: Staleness above which the adaptive refresh recomputes a basis, in (0, 1].
+        refresh_check_interval: Steps between staleness checks of the adaptive refresh.
+        max_qr_iterations: Iteration cap of the warm-started QR algorithm.
+        nonfinite_grad: What a non-finite gradient does: skip the block's step, or raise.
+        max_consecutive_failures: Consecutive refresh failures of one factor before step() raises.
+        precondition_1d: Precondition vectors as 1 x n matrices instead of AdamW.
+        distributed: "auto" (detect the backend), None (each rank alone), a module (FSDP1) or a process group.
+        communication_dtype: Dtype of the routing collectives (None: float32, float64 for float64 state).
+    """
+
     max_preconditioner_dim: int | None
-    #: Dtype of factors, bases and moments (None: float32, or float64 for float64 parameters).
     preconditioner_dtype: torch.dtype | None
-    #: "periodic": refresh every precondition_frequency steps; "adaptive": when stale.
     refresh: Literal["periodic", "adaptive"]
-    #: How bases are refreshed (None: the algorithm's own).
     refresh_method: Literal["eigh", "qr", "power"] | None
-    #: Staleness above which the adaptive refresh recomputes a basis, in (0, 1].
     refresh_tolerance: float
-    #: Steps between staleness checks of the adaptive refresh.
     refresh_check_interval: int
-    #: Iteration cap of the warm-started QR algorithm.
     max_qr_iterations: int
-    #: What a non-finite gradient does: skip the block's step, or raise.
     nonfinite_grad: Literal["skip", "raise"]
-    #: Consecutive refresh failures of one factor before step() raises.
     max_consecutive_failures: int
-    #: Precondition vectors as 1 x n matrices instead of AdamW.
     precondition_1d: bool
-    #: "auto" (detect the backend), None (each rank alone), a module (FSDP1) or a process group.
     distributed: Any
-    #: Dtype of the routing collectives (None: float32, float64 for float64 state).
     communication_dtype: torch.dtype | None
 
 
@@ -116,3 +119,23 @@ class EngineOptions:
     def block_limit(self) -> int:
         """``max_preconditioner_dim`` as a number (no limit: whole matrices)."""
         return self.max_preconditioner_dim if self.max_preconditioner_dim is not None else 2**62
+
+
+def options_help(**preset_defaults: Any) -> str:
+    """The engine options as a docstring section (type with choices, default, one line each),
+    appended to every preset's docstring so that ``help(SOAP)`` lists them;
+    ``preset_defaults`` are a preset's own defaults (Muon: whole matrices)."""
+    import dataclasses
+    import inspect
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineOptions)} | preset_defaults
+    helps = {}
+    for line in (inspect.getdoc(EngineOptionsDict) or "").splitlines():
+        name, sep, text = line.strip().partition(": ")
+        if sep and name in defaults:
+            helps[name] = text
+    lines = ["", "Engine options (keyword-only, shared by every optimizer):"]
+    for name, hint in EngineOptionsDict.__annotations__.items():
+        hint = getattr(hint, "__forward_arg__", hint)  # annotations are strings here
+        lines.append(f"    {name} ({hint}, default {defaults[name]!r}): {helps[name]}")
+    return "\n".join(lines)

@@ -268,3 +268,14 @@ def test_invalid_argument_raises_value_error_naming_it(argument, value):
     param = torch.nn.Parameter(torch.zeros(4, 3))
     with pytest.raises(ValueError, match=argument):
         lp.Muon([param], **{argument: value})
+
+
+def test_refresh_schedulers_refuse_muon_and_the_monitor_accepts_it():
+    """Muon keeps no eigenbasis: a refresh schedule for it is a configuration error, said so."""
+    from lightning_precond.callbacks import preconditioned_optimizers
+
+    opt = lp.Muon([torch.nn.Parameter(torch.randn(4, 3))])
+    with pytest.raises(TypeError, match="eigenbases.*got Muon"):
+        preconditioned_optimizers([opt], "RootRecomputeScheduler", with_basis=True)
+    found, foreign = preconditioned_optimizers([opt], "EigenStalenessMonitor")
+    assert found == [opt] and foreign == []

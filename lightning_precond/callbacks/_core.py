@@ -65,24 +65,27 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def preconditioned_optimizers(
-    optimizers: Iterable[Any], user: str
+    optimizers: Iterable[Any], user: str, *, with_basis: bool = False
 ) -> tuple[list[PreconditionedOptimizer], list[Any]]:
-    """Split ``optimizers`` (unwrapped) into preconditioned ones and the others.
+    """Split ``optimizers`` (unwrapped) into preconditioned ones and the others; with
+    ``with_basis``, optimizers whose algorithm keeps no eigenbasis (Muon) count as others.
 
     Raises:
-        TypeError: if none of them is a :class:`~lightning_precond.PreconditionedOptimizer`;
-            the message names ``user`` and the optimizer types found.
+        TypeError: if none of them qualifies; the message names ``user`` and the optimizer
+            types found.
     """
     found: list[PreconditionedOptimizer] = []
     foreign: list[Any] = []
     for optimizer in optimizers:
         inner = unwrap_optimizer(optimizer)
-        (found if isinstance(inner, PreconditionedOptimizer) else foreign).append(inner)
+        usable = isinstance(inner, PreconditionedOptimizer) and (not with_basis or bool(inner.algorithm.sides))
+        (found if usable else foreign).append(inner)
     if not found:
         kinds = ", ".join(sorted({type(o).__name__ for o in foreign})) or "no optimizer"
+        needed = "with eigenbases (SOAP, Shampoo, KLShampoo, KLSOAP or EigenvalueCorrectedShampoo)"
         raise TypeError(
-            f"{user} needs a lightning_precond.PreconditionedOptimizer (SOAP, Shampoo, KLShampoo, "
-            f"KLSOAP or EigenvalueCorrectedShampoo), got {kinds}"
+            f"{user} needs a lightning_precond.PreconditionedOptimizer "
+            f"{needed if with_basis else '(e.g. SOAP, Shampoo, KLShampoo, Muon)'}, got {kinds}"
         )
     return found, foreign
 

@@ -11,13 +11,13 @@ from ..engine import PreconditionedOptimizer
 from ._core import preconditioned_optimizers
 
 
-def trainer_optimizers(trainer: pl.Trainer, user: str) -> list[PreconditionedOptimizer]:
+def trainer_optimizers(trainer: pl.Trainer, user: str, *, with_basis: bool = False) -> list[PreconditionedOptimizer]:
     """The preconditioned optimizers of ``trainer`` (unwrapped); warns about the others.
 
     Raises:
         TypeError: if the trainer has no preconditioned optimizer.
     """
-    found, foreign = preconditioned_optimizers(trainer.optimizers, user)
+    found, foreign = preconditioned_optimizers(trainer.optimizers, user, with_basis=with_basis)
     if foreign:
         kinds = ", ".join(sorted({type(o).__name__ for o in foreign}))
         rank_zero_warn(f"{user} ignores the optimizers that are not preconditioned: {kinds}")

@@ -46,7 +46,7 @@ class _RefreshOwnerCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizers = trainer_optimizers(trainer, type(self).__name__)
+        optimizers = trainer_optimizers(trainer, type(self).__name__, with_basis=True)
         for note in self._core.attach(optimizers, self):
             rank_zero_warn(f"{type(self).__name__}: {note}")
 
