@@ -490,3 +490,22 @@ def test_edited_group_values_are_validated_at_step_before_anything_changes():
     with pytest.raises(ValueError, match=r"betas\[1\]"):
         train(model, opt, 1)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_vectors_are_torch_adamw_bitwise(algorithm):
+    """Vectors run torch's own AdamW kernel with the hyperparameters the algorithm's config
+    names for them: float32 trajectories are identical to ``torch.optim.AdamW``'s."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(7, generator=gen)
+    ours_param, theirs_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ours = REGISTRY[algorithm].optimizer([ours_param], lr=2e-2, weight_decay=0.1)
+    beta1, beta2, eps = ours._config(0).vector_adamw()
+    theirs = torch.optim.AdamW([theirs_param], lr=2e-2, betas=(beta1, beta2), eps=eps, weight_decay=0.1)
+    for _ in range(15):
+        grad = torch.randn(7, generator=gen)
+        for param, opt in ((ours_param, ours), (theirs_param, theirs)):
+            param.grad = grad.clone()
+            opt.step()
+        assert torch.equal(ours_param, theirs_param)
+    assert torch.equal(ours.state[ours_param]["exp_avg_sq"], theirs.state[theirs_param]["exp_avg_sq"])
