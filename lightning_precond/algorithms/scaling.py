@@ -109,7 +109,21 @@ class InverseRootScaling(Scaling):
         return update, config.lr
 
 
-class AdamInBasisScaling(Scaling):
+class _SecondMomentInBasis(Scaling):
+    """Scalings that keep ``V`` (``exp_avg_sq``) in the eigenbasis: it follows any
+    permutation of the basis columns."""
+
+    def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
+        return {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
+
+    def on_refresh(self, moments: Moments, side: str, old_basis: Tensor, result: BasisResult) -> None:
+        assert moments.exp_avg_sq is not None
+        if result.permutation is not None:
+            dim = -2 if side == "left" else -1
+            moments.exp_avg_sq = permute_along(moments.exp_avg_sq, result.permutation, dim)
+
+
+class AdamInBasisScaling(_SecondMomentInBasis):
     """SOAP: Adam's first and second moments both live in the eigenbasis.
 
     ``M = EMA(M, Gt; b1)``, ``V = EMA(V, Gt^2; b2)`` with ``Gt = Q_L^T G Q_R``;
@@ -117,9 +131,6 @@ class AdamInBasisScaling(Scaling):
     On a basis change, ``V`` is permuted with the eigenvectors and ``M`` is re-expressed in
     the new basis (``M <- Q_new^T Q_old M`` on the left, likewise on the right).
     """
-
-    def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
-        return {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
 
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
                   config: Any) -> tuple[Tensor, float]:
@@ -133,10 +144,7 @@ class AdamInBasisScaling(Scaling):
         return update, step_size
 
     def on_refresh(self, moments: Moments, side: str, old_basis: Tensor, result: BasisResult) -> None:
-        assert moments.exp_avg_sq is not None
-        if result.permutation is not None:
-            dim = -2 if side == "left" else -1
-            moments.exp_avg_sq = permute_along(moments.exp_avg_sq, result.permutation, dim)
+        super().on_refresh(moments, side, old_basis, result)
         change = old_basis.mT @ result.basis  # [k, d, d]: old coordinates -> new coordinates
         if side == "left":
             moments.exp_avg = change.mT @ moments.exp_avg
@@ -144,16 +152,13 @@ class AdamInBasisScaling(Scaling):
             moments.exp_avg = moments.exp_avg @ change
 
 
-class EigenvalueCorrectedScaling(Scaling):
+class EigenvalueCorrectedScaling(_SecondMomentInBasis):
     """Eigenvalue-corrected Shampoo: ``U = Q_L [ (Q_L^T M_hat Q_R) / sqrt(D_hat + eps) ] Q_R^T``.
 
     ``M = EMA(M, G; b1)`` lives in parameter space, so it needs nothing on a basis change;
     ``D = EMA((Q_L^T G Q_R)^2; b2)`` lives in the basis and follows any permutation.
     Both are bias-corrected like Adam's.
     """
-
-    def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
-        return {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
 
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
                   config: Any) -> tuple[Tensor, float]:
@@ -165,12 +170,6 @@ class EigenvalueCorrectedScaling(Scaling):
         momentum = factors.to_basis(exp_avg) / (1.0 - beta1**step)
         scaled = momentum / (correction / (1.0 - beta2**step) + config.eps).sqrt()
         return factors.from_basis(scaled), config.lr
-
-    def on_refresh(self, moments: Moments, side: str, old_basis: Tensor, result: BasisResult) -> None:
-        assert moments.exp_avg_sq is not None
-        if result.permutation is not None:
-            dim = -2 if side == "left" else -1
-            moments.exp_avg_sq = permute_along(moments.exp_avg_sq, result.permutation, dim)
 
 
 class KLEigenvalueScaling(Scaling):
