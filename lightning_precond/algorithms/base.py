@@ -20,6 +20,7 @@ validated when built (at construction, ``add_param_group`` and whenever a group 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,8 +46,8 @@ SIDES = ("left", "right")
 
 # ---------------------------------------------------------------------------- validation
 def check_nonnegative(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_positive_int(value: Any, name: str) -> None:
@@ -170,6 +171,9 @@ class Algorithm(Protocol):
     decay_after_update: bool
     # The method used when neither the user nor the refresh policy chooses one.
     refresh_method: str
+    # A block's gradient is refused (its step skipped) unless ||G||_F^2 * gradient_headroom
+    # is finite in the state dtype: then no statistic of the algorithm can overflow.
+    gradient_headroom: float
 
     def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]: ...
 

@@ -134,6 +134,7 @@ class KroneckerAlgorithm:
         # SOAP: reorder columns by diag(Q^T A Q) before a power / QR refresh.
         self.sort_on_refresh = sort_on_refresh
         self.decay_after_update = decay_after_update
+        self.gradient_headroom = statistics.headroom
 
     # -- state ----------------------------------------------------------------------
     def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:

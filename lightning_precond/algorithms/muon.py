@@ -94,6 +94,7 @@ class Orthogonalized:
     sides: tuple[str, ...] = ()
     decay_after_update = False
     refresh_method = "eigh"  # unused: there is no basis to refresh
+    gradient_headroom = 1.0  # the buffer is an average of gradients; Newton–Schulz normalizes
 
     def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
         return {"momentum_buffer": (m, n)}

@@ -85,6 +85,10 @@ class KroneckerFactors:
 class KroneckerStatistics:
     """One-sided factors ``L = EMA(L, G G^T; beta)``, ``R = EMA(R, G^T G; beta)``."""
 
+    # Entries of G G^T are at most ||G||_F^2: a gradient whose squared norm times this
+    # factor is finite cannot make the statistics overflow.
+    headroom = 1.0
+
     def initial_values(self, factors: KroneckerFactors) -> None:
         for side in SIDES:
             basis = factors.basis(side)
@@ -126,6 +130,9 @@ class TwoSidedStatistics(KroneckerStatistics):
         lambda_a = EMA(lambda_a, (Gt^2 @ (1/lambda_b)) / n),  Gt = Q_a^T G Q_b
         lambda_b = EMA(lambda_b, ((1/lambda_a) @ Gt^2) / m)
     """
+
+    # The inverse eigenvalues weigh G G^T by up to the clamp squared (<= 4000^2).
+    headroom = 4000.0**2
 
     def initial_values(self, factors: KroneckerFactors) -> None:
         super().initial_values(factors)

@@ -93,9 +93,17 @@ class Router:
         """Apply every owner's updates; ``decays[g]`` is param group g's decay factor."""
         raise NotImplementedError
 
+    # Whether ranks hold different pieces of the same vector (FSDP, ZeRO), so that skipping
+    # a vector with a non-finite gradient needs every rank's verdict.
+    vectors_sharded: bool = False
+
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (a collective where there are several)."""
         return flag
+
+    def all_ranks_min(self, values: Tensor) -> Tensor:
+        """The elementwise minimum of ``values`` over ranks (a collective where there are several)."""
+        return values
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Concatenate every rank's ``items`` on every rank (identity in one process)."""
@@ -121,6 +129,11 @@ class GroupCollectives:
         value = torch.tensor([1.0 if flag else 0.0])
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(value.item() > 0)
+
+    def all_ranks_min(self, values: Tensor) -> Tensor:
+        values = values.clone()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return values
 
 
 class LocalRouter(Router):

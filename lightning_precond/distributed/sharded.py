@@ -97,6 +97,8 @@ def _run_indices(indices: Tensor, segment: _Segment) -> Tensor:
 class ShardedRouter(GroupCollectives, Router):
     """Owner-computes routing over flat-range pieces; subclasses say where the pieces are."""
 
+    vectors_sharded = True
+
     def __init__(self, group: Any = None, communication_dtype: torch.dtype = torch.float32) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("sharded parameters need torch.distributed to be initialised")

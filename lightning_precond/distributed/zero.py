@@ -230,6 +230,8 @@ class _UnitRouter(ShardedRouter):
 class ZeroRouter(GroupCollectives, Router):
     """Routes ZeRO-1/2/3 flat-partition fragments to block owners, one (sub-)group per ``step()``."""
 
+    vectors_sharded = True
+
     flat_partitions = True
 
     def __init__(

@@ -10,7 +10,10 @@ engine never knows the backend, and never knows which algorithm runs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,9 +28,27 @@ from . import checkpoint
 from .buckets import Bucket, selected
 from .refresh import RefreshedFactor, RefreshPolicy
 from .stats import FactorStats, factor_stats, stats_order
-from .vectors import adamw_step, fragment_state, whole_vectors, zero_adamw_state
+from .vectors import adamw_step, fragment_state, zero_adamw_state
 
 __all__ = ["PreconditionedOptimizer"]
+
+
+@dataclass
+class VectorWork:
+    """A vector (or unblocked parameter) this rank steps: the whole local tensor, or a flat
+    fragment starting at ``flat_start`` (DeepSpeed ZeRO)."""
+
+    param_index: int
+    group_index: int
+    value: Tensor
+    grad: Tensor
+    flat_start: int | None
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (reductions on it then need no collective), else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -58,6 +79,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._refresh = RefreshPolicy(algorithm, self.options, self._name_of_index)
         self._steps_taken = 0
         self._consolidated: checkpoint.Consolidated | None = None
+        self._vector_skips: dict[int, int] = {}  # param index -> steps refused (not checkpointed)
+        self._skip_warned: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ groups and configs
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -170,20 +193,25 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step: every check that can fail (gradients, group values, finiteness, on all
+        ranks) runs before any state or parameter changes."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
         self._setup()
-        configs = [self._config(gi) for gi in range(len(self._groups()))]  # validated before any change
-        self._steps_taken += 1
+        configs = [self._config(gi) for gi in range(len(self._groups()))]
         assert self._router is not None
         self._check_params_unchanged()
+        self._steps_taken += 1
         self._router.begin_step(self.param_groups)
         try:
-            self._step_blocks(configs)
-            self._step_vectors(configs)
+            work = self._block_work()
+            vectors = self._vector_work()
+            finite, used, vectors_finite = self._screen(work, vectors)
+            self._step_blocks(work, finite, used, configs)
+            self._step_vectors(vectors, vectors_finite, configs)
         finally:
             self._router.end_step()
         return loss
@@ -218,8 +246,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{self._name(p)}: sparse gradients are not supported")
                 if torch.is_complex(p.grad):
                     raise RuntimeError(f"{self._name(p)}: complex gradients are not supported")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"{self._name(p)}: gradient of shape {tuple(p.grad.shape)} for a parameter of "
+                        f"shape {tuple(p.shape)}"
+                    )
 
-    def _step_blocks(self, configs: list[GroupConfig]) -> None:
+    def _block_work(self) -> list[tuple[Bucket, list[int], Tensor]]:
+        """Per bucket: the rows with a gradient and their gradients stacked ``[k, m, n]``."""
         assert self._router is not None
         work = []
         # One call for every owned block: routers with collectives make one per step.
@@ -234,7 +268,85 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             dtype = next(iter(bucket.tensors().values())).dtype
             stacked = torch.stack([grads[i] for i in present]).to(dtype)  # type: ignore[misc]
             work.append((bucket, present, stacked))
-        finite, used = self._gradient_flags(work)
+        return work
+
+    def _vector_work(self) -> list[VectorWork]:
+        """The vectors (and unblocked parameters) with a gradient on this rank."""
+        assert self._plan is not None and self._router is not None
+        pieces = self._router.vector_pieces()
+        out: list[VectorWork] = []
+        if pieces is None:
+            index = 0
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    if self._plan.matrix_shapes[index] is None and p.grad is not None:
+                        out.append(VectorWork(index, gi, p, p.grad, None))
+                    index += 1
+            return out
+        # Flat fragments (DeepSpeed ZeRO): elementwise, so each element follows one process.
+        for piece in pieces:
+            if piece.grad is not None and piece.numel > 0:
+                out.append(VectorWork(piece.param_index, self._group_of[piece.param_index], piece.value,
+                                      piece.grad, piece.flat_start))
+        return out
+
+    def _screen(
+        self, work: list[tuple[Bucket, list[int], Tensor]], vectors: list[VectorWork]
+    ) -> tuple[list[bool], list[bool], list[bool]]:
+        """Whether each block's gradient is usable (finite, and small enough that no statistic
+        can overflow), whether it is not all zeros, and whether each vector's gradient is
+        finite: one host sync per step for all of them; ranks agree through one small
+        all-reduce where they must (``nonfinite_grad="raise"``, or vectors sharded across ranks).
+
+        A block whose gradient is all zeros is treated as having no gradient: it carries
+        nothing to learn from and would give SOAP a basis of zeros (Lightning's and DCP's
+        zero-gradient, lr-0 initialization step; ZeRO's zero gradients for unused parameters).
+        """
+        assert self._router is not None and self._plan is not None
+        headroom = self.algorithm.gradient_headroom
+        usable_parts, nonzero_parts = [], []
+        for _, _, g in work:
+            flat = g.flatten(1)
+            usable_parts.append(torch.isfinite(flat).all(dim=1) & torch.isfinite(flat.square().sum(dim=1) * headroom))
+            nonzero_parts.append(flat.ne(0).any(dim=1))
+        device = work[0][2].device if work else (vectors[0].grad.device if vectors else torch.device("cpu"))
+        usable = torch.cat(usable_parts).float() if work else torch.zeros(0, device=device)
+        nonzero = torch.cat(nonzero_parts).float() if work else torch.zeros(0, device=device)
+        vector_ok = torch.stack([torch.isfinite(_local(v.grad)).all() for v in vectors]).float() if vectors \
+            else torch.zeros(0, device=device)
+        parts = [usable, nonzero, vector_ok]
+        if self.options.nonfinite_grad == "raise" or (self._router.vectors_sharded and self._router.world_size > 1):
+            # Every rank's verdict: [all blocks usable, then per parameter: its vector pieces here finite].
+            verdict = torch.ones(len(self._plan.matrix_shapes) + 1, device=device)
+            verdict[0] = usable.min() if usable.numel() else 1.0
+            if vectors:
+                index = torch.tensor([1 + v.param_index for v in vectors], device=device)
+                verdict.scatter_reduce_(0, index, vector_ok, reduce="amin")
+            parts.append(self._router.all_ranks_min(verdict))
+        flags = torch.cat(parts).tolist()  # the one host sync
+        n, k = usable.numel(), vector_ok.numel()
+        finite = [f > 0 for f in flags[:n]]
+        used = [f > 0 for f in flags[n : 2 * n]]
+        vectors_finite = [f > 0 for f in flags[2 * n : 2 * n + k]]
+        all_usable = True
+        if len(parts) == 4:
+            agreed = flags[2 * n + k :]
+            all_usable = agreed[0] > 0
+            vectors_finite = [agreed[1 + v.param_index] > 0 for v in vectors]
+        if self.options.nonfinite_grad == "raise" and not (all_usable and all(vectors_finite)):
+            blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
+            bad = [f"{self._name_of_index(b.param_index)} block {b.id}" for b, ok in zip(blocks, finite) if not ok]
+            bad += [self._name_of_index(v.param_index) for v, ok in zip(vectors, vectors_finite) if not ok]
+            names = ", ".join(bad[:5]) or "a block or vector held by another rank"
+            raise FloatingPointError(
+                f"non-finite (or overflowing) gradient in {names} (nonfinite_grad='raise'); "
+                "use nonfinite_grad='skip' to skip such blocks and vectors instead"
+            )
+        return finite, used, vectors_finite
+
+    def _step_blocks(self, work: list[tuple[Bucket, list[int], Tensor]], finite: list[bool], used: list[bool],
+                     configs: list[GroupConfig]) -> None:
+        assert self._router is not None
         updates: list[BlockUpdate] = []
         offset = 0
         for bucket, present, stacked in work:
@@ -250,33 +362,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             updates.extend(self._step_bucket(bucket, present, stacked, flags, configs[bucket.group_index]))
         self._router.apply_updates(updates, [config.decay for config in configs])
 
-    def _gradient_flags(self, work: list[tuple[Bucket, list[int], Tensor]]) -> tuple[list[bool], list[bool]]:
-        """Whether each block's gradient is finite, and whether it is not all zeros: one host
-        sync per step, for all blocks.
-
-        With ``nonfinite_grad="raise"`` all ranks agree (one tiny all-reduce) and raise together.
-        A block whose gradient is all zeros is treated as having no gradient: it carries
-        nothing to learn from and would give SOAP a basis of zeros (Lightning's and DCP's
-        zero-gradient, lr-0 initialization step; ZeRO's zero gradients for unused parameters).
-        """
-        if work:
-            checks = [torch.stack([torch.isfinite(g).flatten(1).all(dim=1), g.flatten(1).ne(0).any(dim=1)])
-                      for _, _, g in work]
-            finite, nonzero = torch.cat(checks, dim=1).tolist()
-        else:
-            finite, nonzero = [], []
-        assert self._router is not None
-        if self.options.nonfinite_grad == "raise" and self._router.any_rank(not all(finite)):
-            blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
-            bad = [b for b, ok in zip(blocks, finite) if not ok]
-            names = ", ".join(f"{self._name_of_index(b.param_index)} block {b.id}" for b in bad[:5])
-            names = names or "a block owned by another rank"
-            raise FloatingPointError(
-                f"non-finite gradient in {names} (nonfinite_grad='raise'); "
-                "use nonfinite_grad='skip' to skip such blocks instead"
-            )
-        return finite, nonzero
-
     def _step_bucket(
         self, bucket: Bucket, present: list[int], grads: Tensor, finite: list[bool], config: GroupConfig
     ) -> list[BlockUpdate]:
@@ -284,6 +369,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         for i, ok in zip(present, finite):
             if not ok:
                 records[i].skipped_steps += 1
+                self._note_skip(bucket.blocks[i].param_index, records[i].skipped_steps)
         # Blocks in the same phase and at the same step are computed together.
         phases: dict[tuple[bool, int], list[int]] = {}
         for row, (i, ok) in enumerate(zip(present, finite)):
@@ -319,24 +405,51 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             refresh_if_due=lambda: policy.maybe_refresh(bucket, positions, state, step, config),
         )
 
-    def _step_vectors(self, configs: list[GroupConfig]) -> None:
-        assert self._plan is not None and self._router is not None
-        pieces = self._router.vector_pieces()
-        if pieces is None:
-            is_matrix = [shape is not None for shape in self._plan.matrix_shapes]
-            whole_vectors(self.param_groups, is_matrix, self.state, configs)
-            return
-        # Flat fragments (DeepSpeed ZeRO): elementwise, so each element follows one process.
+    def _step_vectors(self, vectors: list[VectorWork], finite: list[bool], configs: list[GroupConfig]) -> None:
+        """AdamW on the vectors whose gradients passed the screen; a refused one is left as
+        if it had no gradient (no moment, step count or weight-decay change) and counted."""
         by_group: dict[int, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = {}
-        for piece in pieces:
-            if piece.grad is None or piece.numel == 0:
+        for v, ok in zip(vectors, finite):
+            if not ok:
+                self._vector_skips[v.param_index] = self._vector_skips.get(v.param_index, 0) + 1
+                self._note_skip(v.param_index, self._vector_skips[v.param_index])
                 continue
-            if piece.param_index not in self._fragment_state:
-                self._fragment_state[piece.param_index] = (piece.flat_start, fragment_state(piece.value))
-            _, state = self._fragment_state[piece.param_index]
-            by_group.setdefault(self._group_of[piece.param_index], []).append((piece.value, piece.grad, state))
+            if v.flat_start is None:
+                if not self.state.get(v.value):
+                    self.state[v.value] = zero_adamw_state(v.value)
+                state = self.state[v.value]
+            else:
+                if v.param_index not in self._fragment_state:
+                    self._fragment_state[v.param_index] = (v.flat_start, fragment_state(v.value))
+                state = self._fragment_state[v.param_index][1]
+            by_group.setdefault(v.group_index, []).append((v.value, v.grad, state))
         for group_index, items in by_group.items():
             adamw_step(items, configs[group_index])
+
+    def _note_skip(self, param_index: int, count: int) -> None:
+        """Warn when a parameter's gradient is refused for the 1st, 10th, 100th, ... time."""
+        if count >= 1 and math.log10(count).is_integer() and (param_index, count) not in self._skip_warned:
+            self._skip_warned.add((param_index, count))
+            warnings.warn(
+                f"{self._name_of_index(param_index)}: non-finite (or overflowing) gradient refused, its step "
+                f"skipped ({count} time{'s' if count > 1 else ''} so far; skipped_steps() counts them)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def skipped_steps(
+        self, names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None
+    ) -> dict[str, int]:
+        """Steps refused per parameter held here (non-finite or overflowing gradients; a
+        block's count is also in :class:`FactorStats`), only parameters with skips. Block
+        counts are checkpointed; vector counts are not."""
+        lookup = self._names_from(names)
+        counts: dict[int, int] = dict(self._vector_skips)
+        for bucket in self._buckets:
+            for block, record in zip(bucket.blocks, bucket.records):
+                if record.skipped_steps:
+                    counts[block.param_index] = max(counts.get(block.param_index, 0), record.skipped_steps)
+        return {lookup.get(i) or self._name_of_index(i): n for i, n in sorted(counts.items())}
 
     # ------------------------------------------------------------------ control (callbacks)
     @property

@@ -29,6 +29,7 @@ class FactorStats:
     refresh_count: int
     failure_count: int
     refresh_seconds: float
+    skipped_steps: int = 0  # steps of this block refused (non-finite or overflowing gradient)
 
 
 def factor_stats(algorithm: Any, buckets: Sequence[Bucket], name_of: Callable[[int], str]) -> list[FactorStats]:
@@ -54,6 +55,7 @@ def factor_stats(algorithm: Any, buckets: Sequence[Bucket], name_of: Callable[[i
                         refresh_count=side_rec.refreshes,
                         failure_count=side_rec.failures,
                         refresh_seconds=side_rec.refresh_seconds,
+                        skipped_steps=rec.skipped_steps,
                     )
                 )
     return records

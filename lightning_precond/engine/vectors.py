@@ -9,7 +9,7 @@ elementwise, so each element follows the one-process update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import torch
@@ -59,24 +59,3 @@ def adamw_step(
         amsgrad=False, beta1=beta1, beta2=beta2, lr=config.lr, weight_decay=config.weight_decay,
         eps=eps, maximize=False,
     )
-
-
-def whole_vectors(
-    groups: Sequence[Mapping[str, Any]],
-    is_matrix: Sequence[bool],
-    state: MutableMapping[Tensor, Any],
-    configs: Sequence[Any],
-) -> None:
-    """AdamW on the whole local vectors of every group (``is_matrix`` indexes all params)."""
-    index = 0
-    for group, config in zip(groups, configs):
-        items = []
-        for p in group["params"]:
-            matrix = is_matrix[index]
-            index += 1
-            if matrix or p.grad is None:
-                continue
-            if not state.get(p):
-                state[p] = zero_adamw_state(p)
-            items.append((p, p.grad, state[p]))
-        adamw_step(items, config)

@@ -1,0 +1,162 @@
+"""Faults a long run meets, x every registered optimizer: each ends in a clear error raised
+before anything changes, or in a counted skip that leaves the optimizer exactly as if the
+faulty gradient had been ``None`` (issue 13). Expected outcomes come from that contract, not
+from recorded runs.
+
+Run the table: ``.venv/bin/python -m pytest -q tests/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lightning_precond.registry import ALGORITHMS as REGISTRY
+
+NAMES = list(REGISTRY)
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def build(name: str, net: torch.nn.Module, **options):
+    return REGISTRY[name].build(net.named_parameters(), **options)
+
+
+def gradients(net: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    net.zero_grad()
+    x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)
+    ((net(x) - y) ** 2).mean().backward()
+
+
+def snapshot(net: torch.nn.Module, opt) -> dict[str, torch.Tensor]:
+    """Every tensor of the parameters and of the optimizer's state dict, by path."""
+    out = {f"param.{n}": p.detach().clone() for n, p in net.named_parameters()}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        elif isinstance(value, torch.Tensor):
+            out[prefix] = value.detach().clone()
+
+    walk("state", copy.deepcopy(opt.state_dict()["state"]))
+    return out
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def warmed_up(name: str, **options):
+    """A model and optimizer after 6 healthy steps (bases refreshed at least once)."""
+    net = model()
+    opt = build(name, net, **options)
+    for step in range(6):
+        gradients(net, step)
+        opt.step()
+    return net, opt
+
+
+# (fault name, which parameter, how its gradient is spoiled)
+GRADIENT_FAULTS = {
+    "nan in a bias": ("0.bias", lambda g: g.index_fill_(0, torch.tensor([1]), float("nan"))),
+    "inf in a bias": ("2.bias", lambda g: g.fill_(float("inf"))),
+    "nan in a matrix": ("0.weight", lambda g: g.index_fill_(0, torch.tensor([2]), float("nan"))),
+    "huge finite matrix gradient (1e19)": ("2.weight", lambda g: g.mul_(0).add_(1e19)),
+    "huge finite matrix entry (3e19)": ("0.weight", lambda g: g.index_fill_(1, torch.tensor([0]), 3e19)),
+}
+
+
+@pytest.mark.parametrize("fault", list(GRADIENT_FAULTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_a_refused_gradient_is_skipped_exactly_as_if_it_were_none(name, fault):
+    target, spoil = GRADIENT_FAULTS[fault]
+    net, opt = warmed_up(name)
+    twin, twin_opt = warmed_up(name)
+    gradients(net, 99)
+    gradients(twin, 99)
+    spoil(dict(net.named_parameters())[target].grad)
+    dict(twin.named_parameters())[target].grad = None
+    with pytest.warns(RuntimeWarning, match=f"{target}.*refused"):
+        opt.step()
+    twin_opt.step()
+    # identical but for the skip counter, which is the point of a counted skip
+    ours, theirs = snapshot(net, opt), snapshot(twin, twin_opt)
+    assert_same({k: v for k, v in ours.items() if not k.endswith("skipped_steps")},
+                {k: v for k, v in theirs.items() if not k.endswith("skipped_steps")})
+    # counted, and visible
+    assert opt.skipped_steps(net.named_parameters()) == {target: 1}
+    if not target.endswith("bias") and REGISTRY[name].has_basis:
+        stats = [s for s in opt.preconditioner_stats(net.named_parameters()) if s.param_name == target]
+        assert stats and {s.skipped_steps for s in stats} == {1}
+    # and the run goes on, finite
+    for step in range(100, 104):
+        gradients(net, step)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("fault", list(GRADIENT_FAULTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_grad_raise_refuses_before_anything_changes(name, fault):
+    target, spoil = GRADIENT_FAULTS[fault]
+    net, opt = warmed_up(name, nonfinite_grad="raise")
+    gradients(net, 99)
+    spoil(dict(net.named_parameters())[target].grad)
+    before = snapshot(net, opt)
+    with pytest.raises(FloatingPointError, match="nonfinite_grad='raise'"):
+        opt.step()
+    assert_same(snapshot(net, opt), before)
+
+
+GROUP_EDITS = {
+    "betas[1] = 1.5": ("betas", (0.9, 1.5), r"betas\[1\]"),
+    "lr = inf": ("lr", math.inf, "lr"),
+    "lr = '0.01'": ("lr", "0.01", "lr"),
+    "weight_decay = -1": ("weight_decay", -1.0, "weight_decay"),
+    "eps = -1": ("eps", -1.0, "eps"),
+}
+
+
+@pytest.mark.parametrize("edit", list(GROUP_EDITS))
+@pytest.mark.parametrize("name", NAMES)
+def test_an_invalid_group_edit_is_refused_at_step_before_anything_changes(name, edit):
+    key, value, message = GROUP_EDITS[edit]
+    net, opt = warmed_up(name)
+    gradients(net, 99)
+    before = snapshot(net, opt)
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_gradient_of_the_wrong_shape_is_refused_before_anything_changes(name):
+    net, opt = warmed_up(name)
+    gradients(net, 99)
+    before = snapshot(net, opt)
+    net[0].weight.grad.data = torch.zeros(3, 3)  # what a faulty gradient hook can do
+    with pytest.raises(RuntimeError, match="gradient of shape"):
+        opt.step()
+    assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].has_basis])
+def test_precondition_frequency_zero_written_into_a_group_is_refused(name):
+    net, opt = warmed_up(name)
+    gradients(net, 99)
+    before = snapshot(net, opt)
+    opt.param_groups[0]["precondition_frequency"] = 0
+    with pytest.raises(ValueError, match="precondition_frequency"):
+        opt.step()
+    assert_same(snapshot(net, opt), before)
