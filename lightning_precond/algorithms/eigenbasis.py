@@ -2,16 +2,25 @@
 
 Three ways to (re)compute a basis, all batched over same-shaped blocks:
 
-* ``eigh``  -- exact, via ``torch.linalg.eigh`` (float64 retry, then per-matrix fallback).
+* ``eigh``  -- exact, via ``torch.linalg.eigh``.
 * ``power`` -- SOAP's single warm-started power-iteration step ``Q <- qr(A Q).Q``.
 * ``qr``    -- the warm-started QR algorithm: ``B = Q^T A Q``; repeat ``B = R_k Q_k`` with
   ``(Q_k, R_k) = qr(B)`` and ``Q <- Q Q_k`` until ``staleness(B) <= tolerance``.
 
 Eigenvalues are always returned in descending order of the basis columns.
+
+All three share one failure contract. The stack is computed batched; a matrix whose basis
+or eigenvalue estimates come out non-finite, or every matrix when the batched LAPACK call
+raises, is redone in float64, matrix by matrix. A matrix that fails there too (always the
+case for a non-finite factor) is reported ``ok[i] = False`` and keeps the previous basis,
+with finite eigenvalue estimates (its Rayleigh quotients in that basis where finite, else 0)
+and the identity permutation. Nothing raises and no NaN is returned. The healthy path costs
+one batched ``isfinite`` check (one host sync) per call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +38,9 @@ __all__ = [
 ]
 
 REFRESH_METHODS = ("eigh", "qr", "power")
+
+# What a failing LAPACK call raises (LinAlgError is a RuntimeError; both named for clarity).
+_LAPACK_ERRORS = (torch.linalg.LinAlgError, RuntimeError)
 
 
 @dataclass
@@ -53,18 +65,41 @@ def rayleigh_diagonal(factor: Tensor, basis: Tensor) -> Tensor:
 
 
 def staleness(projected: Tensor) -> Tensor:
-    """``||B - diag(B)||_F / ||B||_F`` per matrix of a stack ``B = Q^T A Q``."""
+    """``||B - diag(B)||_F / ||B||_F`` per matrix of a stack ``B = Q^T A Q``.
+
+    A non-finite ``B`` (a corrupted factor) is infinitely stale: it is due for a refresh,
+    whose failure is then counted, instead of passing for fresh.
+    """
+    return torch.nan_to_num(_staleness(projected), nan=float("inf"), posinf=float("inf"))
+
+
+def _staleness(projected: Tensor) -> Tensor:
+    """:func:`staleness`, NaN for a non-finite ``B`` (the QR algorithm's convergence test:
+    ``NaN > tolerance`` is False, so such a matrix never iterates)."""
     total = torch.linalg.matrix_norm(projected)
     # The off-diagonal norm is formed directly: ||B||^2 - ||diag B||^2 cancels catastrophically.
     off = torch.linalg.matrix_norm(projected - torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1)))
-    return torch.where(total > 0, off / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    # total >= 0, so this is "total > 0 ? off / total : 0" for a finite B; NaN propagates.
+    return torch.where(total == 0, 0.0, off / total.clamp_min(torch.finfo(total.dtype).tiny))
 
 
 def eigenvalue_staleness(in_use: Tensor, current: Tensor) -> Tensor:
-    """Relative change ``||lambda_used - diag(B)|| / ||diag(B)||`` per factor."""
+    """Relative change ``||lambda_used - diag(B)|| / ||diag(B)||`` per factor (inf where
+    either is not finite)."""
     scale = torch.linalg.vector_norm(current, dim=-1)
     change = torch.linalg.vector_norm(in_use - current, dim=-1)
-    return torch.where(scale > 0, change / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+    ratio = torch.where(scale == 0, 0.0, change / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+    return torch.nan_to_num(ratio, nan=float("inf"), posinf=float("inf"))
+
+
+def _non_finite_rows(basis: Tensor, values: Tensor) -> list[int]:
+    """Indices of the matrices of a stack whose basis or eigenvalue estimates are not finite."""
+    finite = torch.isfinite(values).all(-1) & torch.isfinite(basis).flatten(1).all(-1)
+    return [i for i, good in enumerate(finite.tolist()) if not good]
+
+
+def _finite_or_zero(values: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
 
 
 def eigh_descending(factor: Tensor, previous: Tensor) -> BasisResult:
@@ -83,7 +118,7 @@ def eigh_descending(factor: Tensor, previous: Tensor) -> BasisResult:
         values, vectors = torch.linalg.eigh(normalized)
         finite = torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(-1)
         redo = [i for i, good in enumerate(finite.tolist()) if not good]
-    except torch.linalg.LinAlgError:
+    except _LAPACK_ERRORS:
         values = torch.zeros(normalized.shape[:-1], dtype=dtype, device=factor.device)
         vectors = previous.flip(-1).clone()
         redo = list(range(k))
@@ -96,6 +131,9 @@ def eigh_descending(factor: Tensor, previous: Tensor) -> BasisResult:
         for i, good in zip(redo, wide_ok):
             ok[i] = good
     values = values * scale[:, None]
+    if not all(ok):
+        # A failed matrix's Rayleigh quotients are NaN when its factor is (or its scale is).
+        values = _finite_or_zero(values)
     return BasisResult(vectors.flip(-1).to(dtype), values.flip(-1).to(dtype), ok)
 
 
@@ -106,11 +144,14 @@ def _eigh_float64(factor: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, lis
     vectors = previous.to(torch.float64).flip(-1).clone()
     ok = []
     for i in range(wide.shape[0]):
-        try:
-            matrix_values, matrix_vectors = torch.linalg.eigh(wide[i])
-            good = bool(torch.isfinite(matrix_values).all() and torch.isfinite(matrix_vectors).all())
-        except torch.linalg.LinAlgError:
-            good = False
+        # A non-finite factor cannot succeed; it is not handed to LAPACK.
+        good = bool(torch.isfinite(wide[i]).all())
+        if good:
+            try:
+                matrix_values, matrix_vectors = torch.linalg.eigh(wide[i])
+                good = bool(torch.isfinite(matrix_values).all() and torch.isfinite(matrix_vectors).all())
+            except _LAPACK_ERRORS:
+                good = False
         if good:
             values[i], vectors[i] = matrix_values, matrix_vectors
         else:
@@ -124,13 +165,64 @@ def _sort_by_rayleigh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return basis.gather(-1, order.unsqueeze(-2).expand_as(basis)), order
 
 
-def power_step(factor: Tensor, basis: Tensor, sort: bool) -> BasisResult:
-    """SOAP's refresh: optionally sort columns by ``diag(Q^T A Q)``, then ``Q <- qr(A Q).Q``.
+# A refresh computation over a stack ``[k, d, d]`` or one matrix ``[d, d]``:
+# (factor, basis) -> (new basis, eigenvalue estimates, permutation or None, iterations).
+_Compute = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None, int]]
 
-    One ``d^3`` product (``A Q``) serves the Rayleigh quotients, the sort (a column
-    permutation commutes with it) and the QR input. The eigenvalue estimates returned are
-    those Rayleigh quotients, i.e. measured in the basis being replaced.
-    """
+
+def _refresh_with_fallback(compute: _Compute, factor: Tensor, previous: Tensor, sort: bool) -> BasisResult:
+    """``compute`` batched over the stack; failed matrices redone in float64 one by one."""
+    k = factor.shape[0]
+    try:
+        basis, values, order, iterations = compute(factor, previous)
+        redo = _non_finite_rows(basis, values)
+    except _LAPACK_ERRORS:
+        basis = previous
+        values = torch.zeros(previous.shape[:-1], dtype=previous.dtype, device=previous.device)
+        order = _identity_order(previous) if sort else None
+        iterations = 0
+        redo = list(range(k))
+    ok = [True] * k
+    if not redo:
+        return BasisResult(basis, values, ok, order, iterations)
+    dtype = basis.dtype
+    bases, estimates, orders = [], [], []
+    for i in redo:
+        wide_factor = factor[i].to(torch.float64)
+        wide_previous = previous[i].to(torch.float64)
+        # A non-finite factor cannot succeed; it is not handed to LAPACK.
+        good = bool(torch.isfinite(wide_factor).all())
+        if good:
+            try:
+                matrix_basis, matrix_values, matrix_order, matrix_iterations = compute(wide_factor, wide_previous)
+                matrix_basis, matrix_values = matrix_basis.to(dtype), matrix_values.to(dtype)
+                good = bool(torch.isfinite(matrix_basis).all() and torch.isfinite(matrix_values).all())
+                iterations = max(iterations, matrix_iterations)
+            except _LAPACK_ERRORS:
+                good = False
+        if not good:
+            matrix_basis = previous[i]
+            matrix_values = _finite_or_zero(rayleigh_diagonal(wide_factor, wide_previous).to(dtype))
+            matrix_order = _identity_order(previous[i]) if sort else None
+        ok[i] = good
+        bases.append(matrix_basis)
+        estimates.append(matrix_values)
+        orders.append(matrix_order)
+    index = torch.tensor(redo, device=factor.device)
+    basis = basis.index_copy(0, index, torch.stack(bases))
+    values = values.index_copy(0, index, torch.stack(estimates))
+    if order is not None:
+        order = order.index_copy(0, index, torch.stack(orders))
+    return BasisResult(basis, values, ok, order, iterations)
+
+
+def _identity_order(basis: Tensor) -> Tensor:
+    """The identity permutation, shaped like a (stack of) permutation(s) of ``basis``'s columns."""
+    d = basis.shape[-1]
+    return torch.arange(d, device=basis.device).expand(*basis.shape[:-2], d).clone()
+
+
+def _power(factor: Tensor, basis: Tensor, sort: bool) -> tuple[Tensor, Tensor, Tensor | None, int]:
     product = factor @ basis
     values = (basis * product).sum(dim=-2)
     order = None
@@ -138,8 +230,49 @@ def power_step(factor: Tensor, basis: Tensor, sort: bool) -> BasisResult:
         order = torch.argsort(values, dim=-1, descending=True)
         product = product.gather(-1, order.unsqueeze(-2).expand_as(product))
         values = values.gather(-1, order)
-    new_basis = torch.linalg.qr(product).Q
-    return BasisResult(new_basis, values, [True] * factor.shape[0], order, 1)
+    return torch.linalg.qr(product).Q, values, order, 1
+
+
+def power_step(factor: Tensor, basis: Tensor, sort: bool) -> BasisResult:
+    """SOAP's refresh: optionally sort columns by ``diag(Q^T A Q)``, then ``Q <- qr(A Q).Q``.
+
+    One ``d^3`` product (``A Q``) serves the Rayleigh quotients, the sort (a column
+    permutation commutes with it) and the QR input. The eigenvalue estimates returned are
+    those Rayleigh quotients, i.e. measured in the basis being replaced. Failures follow the
+    module's contract (float64 redo, else ``ok[i] = False`` and the previous basis).
+    """
+    result = _refresh_with_fallback(lambda a, q: _power(a, q, sort), factor, basis, sort)
+    result.iterations = 1
+    return result
+
+
+def _qr_iterations(
+    factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    order = None
+    if sort:
+        basis, order = _sort_by_rayleigh(factor, basis)
+    projected = basis.mT @ factor @ basis
+    # Converged matrices stop iterating, so each factor's result does not depend on which
+    # other factors share its batch (the same on every rank, at every world size). A
+    # non-finite matrix has NaN staleness: it never iterates and is caught by the caller.
+    active = _staleness(projected) > tolerance
+    iterations = 0
+    for _ in range(max_iterations):
+        if not bool(active.any()):
+            break
+        q, r = torch.linalg.qr(projected)
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        q = q * signs.unsqueeze(-2)
+        r = r * signs.unsqueeze(-1)
+        keep = active[..., None, None]  # [k, 1, 1], or [1, 1] for a single matrix
+        projected = torch.where(keep, r @ q, projected)
+        basis = torch.where(keep, basis @ q, basis)
+        active = active & (_staleness(projected) > tolerance)
+        iterations += 1
+    values = torch.diagonal(projected, dim1=-2, dim2=-1).clone()
+    return basis, values, order, iterations
 
 
 def qr_algorithm(
@@ -150,27 +283,9 @@ def qr_algorithm(
 
     The convergence test is one host sync per iteration; refreshes are amortized work.
     ``R_k``'s diagonal is made positive so columns keep their sign from step to step.
+    Failures follow the module's contract (float64 redo, else ``ok[i] = False`` and the
+    previous basis).
     """
-    order = None
-    if sort:
-        basis, order = _sort_by_rayleigh(factor, basis)
-    projected = basis.mT @ factor @ basis
-    # Converged matrices stop iterating, so each factor's result does not depend on which
-    # other factors share its batch (the same on every rank, at every world size).
-    active = staleness(projected) > tolerance
-    iterations = 0
-    for _ in range(max_iterations):
-        if not bool(active.any()):
-            break
-        q, r = torch.linalg.qr(projected)
-        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        q = q * signs.unsqueeze(-2)
-        r = r * signs.unsqueeze(-1)
-        keep = active.view(-1, 1, 1)
-        projected = torch.where(keep, r @ q, projected)
-        basis = torch.where(keep, basis @ q, basis)
-        active = active & (staleness(projected) > tolerance)
-        iterations += 1
-    values = torch.diagonal(projected, dim1=-2, dim2=-1).clone()
-    return BasisResult(basis, values, [True] * factor.shape[0], order, iterations)
+    return _refresh_with_fallback(
+        lambda a, q: _qr_iterations(a, q, tolerance, max_iterations, sort), factor, basis, sort
+    )
