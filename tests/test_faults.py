@@ -160,3 +160,71 @@ def test_precondition_frequency_zero_written_into_a_group_is_refused(name):
     with pytest.raises(ValueError, match="precondition_frequency"):
         opt.step()
     assert_same(snapshot(net, opt), before)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _checkpoint(name: str, **options) -> dict:
+    net, opt = warmed_up(name, **options)
+    return copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("saved_by, loaded_by", [("SOAP", "KLShampoo"), ("SOAP", "KLSOAP"), ("KLShampoo", "SOAP"),
+                                                 ("Shampoo", "SOAP"), ("SOAP", "Muon")])
+def test_a_checkpoint_of_another_algorithm_is_refused_naming_both(saved_by, loaded_by):
+    saved = _checkpoint(saved_by)
+    net, opt = warmed_up(loaded_by)
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match=f"written by {saved_by}.*is {loaded_by}"):
+        opt.load_state_dict(saved)
+    assert_same(snapshot(net, opt), before)
+
+
+def test_an_untagged_v0_checkpoint_of_another_algorithm_is_refused_by_its_state():
+    saved = _checkpoint("SOAP")
+    for group in saved["param_groups"]:
+        for tag in ("lp_algorithm", "lp_format", "lp_block_plan"):
+            group.pop(tag)
+    net, opt = warmed_up("KLShampoo")
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="exp_avg_sq.*another algorithm"):
+        opt.load_state_dict(saved)
+    assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_torch_adamw_checkpoint_is_refused_and_nothing_changes(name):
+    twin = model()
+    adamw = torch.optim.AdamW(twin.parameters())
+    gradients(twin, 0)
+    adamw.step()
+    net, opt = warmed_up(name)
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="lacks.*not written by this optimizer"):
+        opt.load_state_dict(adamw.state_dict())
+    assert_same(snapshot(net, opt), before)
+
+
+def test_another_block_plan_is_refused():
+    saved = _checkpoint("SOAP", max_preconditioner_dim=4)
+    net, opt = warmed_up("SOAP")
+    with pytest.raises(ValueError, match="planned with max_preconditioner_dim=4"):
+        opt.load_state_dict(saved)
+
+
+def test_vector_state_of_the_wrong_length_is_refused_at_load():
+    saved = _checkpoint("SOAP")
+    saved["state"][1]["adamw"]["exp_avg"] = torch.zeros(5)
+    net, opt = warmed_up("SOAP")
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="exp_avg.*shape"):
+        opt.load_state_dict(saved)
+    assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_own_checkpoints_still_round_trip(name):
+    saved = _checkpoint(name)
+    net, opt = warmed_up(name)
+    opt.load_state_dict(saved)
+    assert all(group["lp_algorithm"] == name for group in opt.state_dict()["param_groups"])
+    assert not any(key.startswith("lp_") for group in opt.param_groups for key in group)

@@ -11,6 +11,7 @@ between world sizes and between FSDP1, FSDP2 and one process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,15 @@ from .buckets import RECORD_FIELDS, BlockRecord
 if TYPE_CHECKING:
     from .optimizer import PreconditionedOptimizer
 
-__all__ = ["Consolidated", "state_dict", "load_state_dict", "consolidate"]
+__all__ = ["Consolidated", "state_dict", "load_state_dict", "consolidate", "FORMAT_VERSION"]
+
+# Tags written into every saved param group (DCP's and FSDP's state-dict APIs rebuild
+# ``{state, param_groups}`` and drop other top-level keys). Checkpoints without them are v0.
+FORMAT_VERSION = 1
+TAG_ALGORITHM = "lp_algorithm"
+TAG_FORMAT = "lp_format"
+TAG_BLOCK_PLAN = "lp_block_plan"
+TAGS = (TAG_ALGORITHM, TAG_FORMAT, TAG_BLOCK_PLAN)
 
 BlockEntry = tuple[int, str, dict[str, Tensor]]  # (param_index, "block{b}", state)
 
@@ -177,13 +186,67 @@ def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) 
     packed["state"] = {index: {"adamw": entry} for index, entry in vectors.items()}
     for param_index, key, value in blocks:
         packed["state"].setdefault(param_index, {})[key] = value
+    for group in packed["param_groups"]:
+        group.update(tags(opt))
     return packed
+
+
+def tags(opt: PreconditionedOptimizer) -> dict[str, Any]:
+    """What a checkpoint must match to load: the algorithm, the format, the block plan."""
+    return {
+        TAG_ALGORITHM: type(opt).__name__,
+        TAG_FORMAT: FORMAT_VERSION,
+        TAG_BLOCK_PLAN: f"max_preconditioner_dim={opt.options.max_preconditioner_dim}, "
+                        f"precondition_1d={opt.options.precondition_1d}",
+    }
+
+
+def check_tags(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
+    """Refuse, before anything changes, a checkpoint of another algorithm, another block plan,
+    a newer format, or one that is not ours at all (e.g. ``torch.optim.AdamW``'s)."""
+    ours = tags(opt)
+    groups = saved["param_groups"]
+    if len(groups) != len(opt._group_params):  # the groups as built (DeepSpeed may cut param_groups)
+        raise ValueError(
+            f"checkpoint has {len(groups)} param groups, this {ours[TAG_ALGORITHM]} has {len(opt._group_params)}"
+        )
+    fields = [f.name for f in dataclasses.fields(opt.algorithm.config_type)]
+    for index, group in enumerate(groups):
+        algorithm = group.get(TAG_ALGORITHM)
+        if algorithm is not None and algorithm != ours[TAG_ALGORITHM]:
+            raise ValueError(
+                f"checkpoint was written by {algorithm}; this optimizer is {ours[TAG_ALGORITHM]}: their "
+                "state is not interchangeable (load it into the optimizer that wrote it)"
+            )
+        version = group.get(TAG_FORMAT, 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint format {version!r} is newer than this version of lightning_precond reads "
+                f"(<= {FORMAT_VERSION}); upgrade lightning_precond"
+            )
+        plan = group.get(TAG_BLOCK_PLAN)
+        if plan is not None and plan != ours[TAG_BLOCK_PLAN]:
+            raise ValueError(
+                f"checkpoint blocks were planned with {plan}; this optimizer plans with {ours[TAG_BLOCK_PLAN]}"
+            )
+        missing = [name for name in fields if name not in group]
+        if missing:
+            raise ValueError(
+                f"checkpoint param group {index} lacks {missing}, which {ours[TAG_ALGORITHM]} needs: it was not "
+                "written by this optimizer (a torch.optim or other optimizer's checkpoint?)"
+            )
+
+
+def _untagged(saved: Mapping[str, Any]) -> dict[str, Any]:
+    return {**saved, "param_groups": [{k: v for k, v in g.items() if k not in TAGS} for g in saved["param_groups"]]}
 
 
 # ---------------------------------------------------------------------------- load
 def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
     """See :meth:`PreconditionedOptimizer.load_state_dict`."""
     base_load = torch.optim.Optimizer.load_state_dict
+    check_tags(opt, saved)
+    saved = _untagged(saved)
     entries = {key: split_entry(entry) for key, entry in saved["state"].items()}
     if opt._plan is None and not opt._deepspeed_took_over() and not any(blocks for _, blocks in entries.values()):
         # Nothing planned yet and no block state to place: load hyperparameters (and any
@@ -217,6 +280,8 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
         validate_block_state(opt, blocks_by_param, owned if rank_local else None)
     if rank_local:
         plain_state = local_vector_pieces(opt, plain_state, position, layout.vector_pieces)
+    elif not opt._flat_partitions():
+        check_vector_state(opt, plain_state, position)
     if opt._flat_partitions():
         load_partitioned(opt, saved, {position[k]: v for k, v in plain_state.items() if k in position},
                          layout.vector_pieces)
@@ -236,6 +301,23 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
             for name, tensor in tensors.items():
                 tensor[i].copy_(entry[name])
             bucket.records[i] = unpack_record(entry, sides)
+
+
+def check_vector_state(opt: PreconditionedOptimizer, plain_state: Mapping[Any, Any], position: Mapping[Any, int]) -> None:
+    """Every saved AdamW moment has its parameter's shape (else it would fail at the next step,
+    after the matrices were updated)."""
+    params = opt._all_params()
+    for key, entry in plain_state.items():
+        index = position.get(key)
+        if index is None or index >= len(params):
+            continue
+        for name in ("exp_avg", "exp_avg_sq"):
+            value = entry.get(name)
+            if isinstance(value, Tensor) and tuple(value.shape) != tuple(params[index].shape):
+                raise ValueError(
+                    f"checkpoint state {name!r} of {opt._name_of_index(index)} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(params[index].shape)} (different model?)"
+                )
 
 
 def local_vector_pieces(opt: PreconditionedOptimizer, plain_state: Mapping[Any, Any], position: Mapping[Any, int],
@@ -350,3 +432,10 @@ def validate_block_state(
             missing = counters - set(got[key])
             if missing:
                 raise ValueError(f"checkpoint state of {name} {key} lacks {sorted(missing)}")
+            names = set(opt.algorithm.state_shapes(m, n, config))
+            unexpected = set(got[key]) - names - counters
+            if unexpected:
+                raise ValueError(
+                    f"checkpoint state of {name} {key} holds {sorted(unexpected)}, which "
+                    f"{type(opt).__name__} does not keep (a checkpoint of another algorithm?)"
+                )
