@@ -170,8 +170,10 @@ class KroneckerAlgorithm:
         else:
             result = qr_algorithm(factor, old, tolerance, max_iterations, self.sort_on_refresh)
         if not all(result.ok):
+            # A failed matrix keeps its basis and the eigenvalues that go with it.
             keep = torch.tensor(result.ok, device=old.device).view(-1, 1, 1)
             result.basis = torch.where(keep, result.basis, old)
+            result.eigenvalues = torch.where(keep[..., 0], result.eigenvalues, factors.eigenvalues(side))
         self.statistics.on_refresh(factors, side, result)
         self.scaling.on_refresh(state.moments, side, old, result)
         factors.set_basis(side, result.basis)
