@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -228,3 +229,40 @@ def test_own_checkpoints_still_round_trip(name):
     opt.load_state_dict(saved)
     assert all(group["lp_algorithm"] == name for group in opt.state_dict()["param_groups"])
     assert not any(key.startswith("lp_") for group in opt.param_groups for key in group)
+
+
+# ---------------------------------------------------------------------------- visibility
+@pytest.mark.parametrize("name", NAMES)
+def test_skips_reach_the_loggers_metrics(name):
+    from lightning_precond.callbacks import StalenessReport
+
+    net, opt = warmed_up(name)
+    report = StalenessReport(every=1, per_layer=False)
+    assert report.collect([opt], net.named_parameters())["precond/skipped_parameters"] == 0.0
+    for step in range(3):
+        gradients(net, 200 + step)
+        net[0].bias.grad[0] = float("nan")
+        net[2].weight.grad[0, 0] = float("inf")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rate-limited: tested below
+            opt.step()
+    metrics = report.collect([opt], net.named_parameters())
+    assert metrics["precond/skipped_parameters"] == 2.0 and metrics["precond/skipped_steps_max"] == 3.0
+
+
+def test_the_skip_warning_is_rate_limited():
+    net, opt = warmed_up("SOAP")
+    with pytest.warns(RuntimeWarning) as caught:
+        for step in range(12):
+            gradients(net, 300 + step)
+            net[0].bias.grad.fill_(float("nan"))
+            opt.step()
+    counts = [str(w.message) for w in caught if "0.bias" in str(w.message)]
+    assert len(counts) == 2 and "(1 time so far" in counts[0] and "(10 times so far" in counts[1]
+
+
+def test_a_nan_factor_reports_infinite_staleness():
+    net, opt = warmed_up("SOAP")
+    opt._buckets[0].state.factors.factor_left[0, 0, 0] = float("nan")
+    stale = [s.staleness for s in opt.preconditioner_stats()]
+    assert any(math.isinf(s) for s in stale)

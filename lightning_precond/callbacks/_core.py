@@ -485,7 +485,10 @@ class StalenessReport:
       a parameter cut into several blocks gets ``<param_name>/block<b>/<side>/<field>``;
     * aggregated: ``<prefix>/staleness_mean`` and ``_max``, ``eigenvalue_staleness_mean``
       and ``_max``, ``steps_since_refresh_mean`` and ``_max``, ``refresh_count_total``,
-      ``failure_count_total``, ``refresh_seconds_total`` and ``factors``.
+      ``failure_count_total``, ``refresh_seconds_total`` and ``factors``;
+    * refused gradients (non-finite or overflowing; blocks and vectors, every algorithm):
+      ``<prefix>/skipped_steps_max`` (the most any parameter was skipped) and
+      ``<prefix>/skipped_parameters`` (how many parameters were ever skipped).
 
     ``refresh_seconds`` is, as the engine reports it, the duration of each factor's latest
     refresh, so ``refresh_seconds_total`` is the cost of one refresh of everything.
@@ -526,6 +529,9 @@ class StalenessReport:
             prefix = "precond" if len(optimizers) == 1 else f"precond/optimizer{index}"
             records = optimizer.preconditioner_stats(names=pairs, gather=gather)
             metrics.update(_metrics(records, prefix, self.per_layer))
+            skipped = optimizer.skipped_steps(names=pairs, gather=gather)
+            metrics[f"{prefix}/skipped_steps_max"] = float(max(skipped.values(), default=0))
+            metrics[f"{prefix}/skipped_parameters"] = float(len(skipped))
         if step is not None:
             self.last_report_step = int(step)
         return metrics

@@ -438,17 +438,25 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             )
 
     def skipped_steps(
-        self, names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None
+        self, names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None, gather: bool = False
     ) -> dict[str, int]:
-        """Steps refused per parameter held here (non-finite or overflowing gradients; a
-        block's count is also in :class:`FactorStats`), only parameters with skips. Block
-        counts are checkpointed; vector counts are not."""
+        """Steps refused per parameter (non-finite or overflowing gradients; a block's count
+        is also in :class:`FactorStats`), only parameters with skips: held here, or on every
+        rank with ``gather=True`` (a collective). Block counts are checkpointed; vector
+        counts are not."""
+        self._setup()
         lookup = self._names_from(names)
         counts: dict[int, int] = dict(self._vector_skips)
         for bucket in self._buckets:
             for block, record in zip(bucket.blocks, bucket.records):
                 if record.skipped_steps:
                     counts[block.param_index] = max(counts.get(block.param_index, 0), record.skipped_steps)
+        if gather:
+            assert self._router is not None
+            merged: dict[int, int] = {}
+            for index, count in self._router.gather_objects(list(counts.items())):
+                merged[index] = max(merged.get(index, 0), count)
+            counts = merged
         return {lookup.get(i) or self._name_of_index(i): n for i, n in sorted(counts.items())}
 
     # ------------------------------------------------------------------ control (callbacks)
