@@ -26,18 +26,32 @@ def block_cost(rows: int, cols: int) -> float:
 
 
 def assign_owners(
-    blocks: Sequence[Block], world_size: int, candidates: Sequence[Collection[int]] | None = None
+    blocks: Sequence[Block],
+    world_size: int,
+    candidates: Sequence[Collection[int]] | None = None,
+    keep: Sequence[int] = (),
 ) -> list[int]:
     """Owner rank of every block (same order as ``blocks``); identical on every rank.
 
     ``candidates[i]``, when given, restricts block ``i`` to those ranks (FSDP1 needs each
     block's owner to hold a piece of its parameter, see ``FSDP1Router``); the least-loaded
-    candidate takes it.
+    candidate takes it. ``keep`` fixes the owners of the first ``len(keep)`` blocks (blocks
+    planned before a param group was added keep theirs); the others balance around them.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     owners = [0] * len(blocks)
     if world_size == 1:
+        return owners
+    if keep:
+        load = [0.0] * world_size
+        for i, rank in enumerate(keep):
+            owners[i] = rank
+            load[rank] += block_cost(*blocks[i].shape)
+        rest = sorted(range(len(keep), len(blocks)), key=lambda i: (-block_cost(*blocks[i].shape), i))
+        for i in rest:
+            owners[i] = min(range(world_size), key=lambda rank: (load[rank], rank))
+            load[owners[i]] += block_cost(*blocks[i].shape)
         return owners
     order = sorted(range(len(blocks)), key=lambda i: (-block_cost(*blocks[i].shape), i))
     if candidates is not None:

@@ -266,3 +266,40 @@ def test_a_nan_factor_reports_infinite_staleness():
     opt._buckets[0].state.factors.factor_left[0, 0, 0] = float("nan")
     stale = [s.staleness for s in opt.preconditioner_stats()]
     assert any(math.isinf(s) for s in stale)
+
+
+# ---------------------------------------------------------------------------- add_param_group
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_after_the_first_step_equals_a_group_without_gradients_until_then(name):
+    """Progressive unfreezing: adding the head's group after 4 steps is the same as having it
+    from the start with no gradient until then; existing blocks keep their state."""
+    def run(add_later: bool):
+        net = model()
+        body, head = list(net[0].parameters()), list(net[2].parameters())
+        entry = REGISTRY[name]
+        opt = entry.build([{"params": body}] if add_later else [{"params": body}, {"params": head, "lr": 1e-3}])
+        for step in range(8):
+            if add_later and step == 4:
+                opt.add_param_group({"params": head, "lr": 1e-3})
+            gradients(net, step)
+            if step < 4:
+                for p in head:
+                    p.grad = None
+            opt.step()
+        return net, opt
+
+    late, late_opt = run(True)
+    early, early_opt = run(False)
+    for a, b in zip(late.parameters(), early.parameters()):
+        assert torch.equal(a, b)
+    assert late_opt.state_bytes() == early_opt.state_bytes()
+
+
+def test_an_invalid_added_group_is_refused_before_it_is_added():
+    net, opt = warmed_up("SOAP")
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))], "betas": (0.9, 2.0)})
+    assert len(opt.param_groups) == groups
+    gradients(net, 50)
+    opt.step()  # the optimizer still works

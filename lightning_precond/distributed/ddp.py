@@ -44,7 +44,7 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
         self.communication_dtype = communication_dtype
         self.bytes_last_step = 0
 
-    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan, keep: Sequence[int] = ()) -> list[int]:
         for p in params:
             if is_dtensor(p):
                 raise ValueError(
@@ -55,7 +55,7 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
         self._params = list(params)
         self._shapes = plan.matrix_shapes
         self._blocks = plan.blocks
-        owners = assign_owners(plan.blocks, self.world_size)
+        owners = assign_owners(plan.blocks, self.world_size, keep=keep)
         self._owned_by: list[list[Block]] = [[] for _ in range(self.world_size)]
         for block, owner in zip(plan.blocks, owners):
             self._owned_by[owner].append(block)

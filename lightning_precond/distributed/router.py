@@ -82,8 +82,13 @@ class Router:
         """The full shapes of the parameters, whatever this rank holds of them."""
         return [tuple(p.shape) for p in params]
 
-    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
-        """Bind to the parameters and return the owner of every block."""
+    # Whether parameters may be added after the first step (add_param_group): the backend
+    # must hold new parameters like the old ones (replicated or local), see ``setup``'s keep.
+    supports_new_params: bool = False
+
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan, keep: Sequence[int] = ()) -> list[int]:
+        """Bind to the parameters and return the owner of every block; ``keep``: the owners
+        of the first blocks, planned before parameters were added."""
         raise NotImplementedError
 
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
@@ -139,7 +144,9 @@ class GroupCollectives:
 class LocalRouter(Router):
     """Every block is owned here; gradients and parameters are plain local tensors."""
 
-    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+    supports_new_params = True
+
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan, keep: Sequence[int] = ()) -> list[int]:
         self._params = list(params)
         self._shapes = plan.matrix_shapes
         return [0] * len(plan.blocks)

@@ -121,7 +121,7 @@ class ShardedRouter(GroupCollectives, Router):
         """Ranks allowed to own each block, given every rank's piece geometry (default: any)."""
         return None
 
-    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan, keep: Sequence[int] = ()) -> list[int]:
         self._params = list(params)
         self._is_matrix = [shape is not None for shape in plan.matrix_shapes]
         everyone = self._geometry_of_all_ranks(self.local_pieces())

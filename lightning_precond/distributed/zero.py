@@ -318,7 +318,7 @@ class ZeroRouter(GroupCollectives, Router):
             )
         return index
 
-    def setup(self, params: Sequence[Tensor], plan: BlockPlan) -> list[int]:
+    def setup(self, params: Sequence[Tensor], plan: BlockPlan, keep: Sequence[int] = ()) -> list[int]:
         self._plan = plan
         index_of = {id(p): i for i, p in enumerate(params)}
         owners = assign_owners(plan.blocks, self.world_size)

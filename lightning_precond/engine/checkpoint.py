@@ -290,7 +290,7 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
         opt._group_dicts = list(opt.param_groups)
     opt._configs.clear()
     if fresh:  # saved before the first step: start fresh
-        opt._plan = None
+        opt._replan()
         opt._setup()
         return
     sides = opt.algorithm.sides

@@ -76,6 +76,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._fragment_state: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._router: Router | None = None
         self._buckets: list[Bucket] = []
+        self._owners: list[int] = []  # owner of each planned block
+        self._planned_blocks: tuple[Block, ...] = ()
         self._refresh = RefreshPolicy(algorithm, self.options, self._name_of_index)
         self._steps_taken = 0
         self._consolidated: checkpoint.Consolidated | None = None
@@ -84,18 +86,32 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups and configs
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        """Add a group, also after the first step (progressive unfreezing): its blocks are
+        planned at the next step, existing blocks keep their owners and state. Everything is
+        validated before the group is added; backends that cannot hold new parameters
+        (FSDP, DeepSpeed ZeRO) refuse."""
+        router = getattr(self, "_router", None)
+        if getattr(self, "_plan", None) is not None and router is not None and not router.supports_new_params:
+            raise RuntimeError(
+                f"add_param_group after the first step is not supported under {type(router).__name__}: the "
+                "backend already sharded the parameters; build the optimizer with every group (requires_grad=False "
+                "parameters simply get no gradient until unfrozen)"
+            )
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in (p[1] if isinstance(p, tuple) else p for p in params):
+            if isinstance(p, Tensor) and torch.is_complex(p):
+                raise ValueError("complex parameters are not supported by preconditioned optimizers")
+        if not isinstance(param_group.get("precondition", True), bool):
+            raise ValueError(f"precondition must be a bool, got {param_group['precondition']!r}")
+        if hasattr(self, "defaults"):  # validate the group as it will be, before adding it
+            self.algorithm.config_type.from_group({**self.defaults, **param_group})
+        super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         self._group_dicts.append(group)
         self._group_params.append(list(group["params"]))
-        for p in group["params"]:
-            if torch.is_complex(p):
-                raise ValueError("complex parameters are not supported by preconditioned optimizers")
-        if not isinstance(group.get("precondition", True), bool):
-            raise ValueError(f"precondition must be a bool, got {group['precondition']!r}")
-        self.algorithm.config_type.from_group(group)  # validates, naming the argument
         if getattr(self, "_plan", None) is not None:
-            raise RuntimeError("add_param_group after the first step is not supported yet")
+            self._plan = None  # re-planned at the next step; existing blocks keep owners and state
 
     def _config(self, group_index: int) -> GroupConfig:
         """The validated config of a param group, rebuilt only when the group's values changed
@@ -144,8 +160,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             return self.options.preconditioner_dtype
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
+    def _replan(self) -> None:
+        """Forget the plan, the owners and all block state: the next step plans afresh."""
+        self._plan, self._router, self._buckets = None, None, []
+        self._owners, self._planned_blocks = [], ()
+
     def _setup(self) -> None:
-        """Plan blocks, pick owners and allocate owned state (lazily: backends may swap params)."""
+        """Plan blocks, pick owners and allocate owned state (lazily: backends may swap params).
+
+        After ``add_param_group`` the plan grows: the blocks planned before keep their owners
+        and buckets, only the new ones are assigned and allocated."""
         if self._plan is not None:
             return
         current = [list(group["params"]) for group in self.param_groups]
@@ -153,7 +177,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         communication_dtype = self.options.communication_dtype or (
             torch.float64 if torch.float64 in state_dtypes else torch.float32
         )
-        router = resolve_router(
+        router = self._router or resolve_router(
             self.options.distributed,
             communication_dtype,
             [p for group in current for p in group],
@@ -169,13 +193,18 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         plan = plan_blocks(
             global_shapes, group_of, self.options.block_limit, self.options.precondition_1d, unblocked=unblocked
         )
-        owners = router.setup(params, plan)
+        keep = self._owners  # blocks planned before a group was added keep their owners
+        if plan.blocks[: len(keep)] != self._planned_blocks:
+            raise RuntimeError("internal: re-planning changed the existing blocks")  # pragma: no cover
+        owners = router.setup(params, plan, keep)
         self._planned, self._group_of, self._shapes = planned, group_of, global_shapes
+        self._owners, self._planned_blocks = list(owners), plan.blocks
+        existing = {block.id for bucket in self._buckets for block in bucket.blocks}
         grouped: dict[tuple[int, int, int], list[Block]] = {}
         for block, owner in zip(plan.blocks, owners):
-            if owner == router.rank:
+            if owner == router.rank and block.id not in existing:
                 grouped.setdefault((block.group_index, *block.shape), []).append(block)
-        buckets = []
+        buckets = list(self._buckets)
         for (group_index, m, n), blocks in grouped.items():
             param = params[blocks[0].param_index]
             state = self.algorithm.create_state(
