@@ -303,3 +303,19 @@ def test_an_invalid_added_group_is_refused_before_it_is_added():
     assert len(opt.param_groups) == groups
     gradients(net, 50)
     opt.step()  # the optimizer still works
+
+
+def test_a_lost_factor_stops_the_run_only_after_the_step_is_whole():
+    """The error after max_consecutive_failures comes once every bucket stepped and every
+    update was applied: a retry or a resume does not double-count half a step."""
+    net, opt = warmed_up("SOAP", max_consecutive_failures=1, precondition_frequency=1)
+    corrupted = opt._buckets[0]
+    corrupted.state.factors.factor_left[0].fill_(float("nan"))
+    steps_before = [[r.step for r in b.records] for b in opt._buckets]
+    weights_before = [p.detach().clone() for p in net.parameters()]
+    gradients(net, 77)
+    with pytest.raises(RuntimeError, match="failed 1 times in a row"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    assert [[r.step for r in b.records] for b in opt._buckets] == [[s + 1 for s in b] for b in steps_before]
+    assert all(not torch.equal(a, b) for a, b in zip(net.parameters(), weights_before))

@@ -243,6 +243,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             self._step_vectors(vectors, vectors_finite, configs)
         finally:
             self._router.end_step()
+        self._refresh.raise_fatal()  # the step is whole; now stop the run if a factor is lost
         return loss
 
     def _check_params_unchanged(self) -> None:
@@ -533,7 +534,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._setup()
         assert self._plan is not None
         known = {b.id for b in self._plan.blocks}
-        return self._refresh.refresh_now(self._buckets, known, select, method, tolerance)
+        refreshed = self._refresh.refresh_now(self._buckets, known, select, method, tolerance)
+        self._refresh.raise_fatal()
+        return refreshed
 
     def preconditioner_stats(
         self,

@@ -31,6 +31,12 @@ class RefreshPolicy:
         self.name_of = name_of
         self.owner: object | None = None
         self._warned_failure = False
+        self.fatal: str | None = None  # a failure that must stop the run, raised after the step
+
+    def raise_fatal(self) -> None:
+        message, self.fatal = self.fatal, None
+        if message is not None:
+            raise RuntimeError(message)
 
     def method(self, method: str | None = None) -> str:
         return method or self.options.refresh_method or self.algorithm.refresh_method
@@ -111,10 +117,12 @@ class RefreshPolicy:
             block = bucket.blocks[i]
             where = f"{self.name_of(block.param_index)} block {block.id} ({side} factor)"
             if record.consecutive_failures >= self.options.max_consecutive_failures:
-                raise RuntimeError(
+                # Raised by step() once the step is complete, so nothing is half-applied.
+                self.fatal = self.fatal or (
                     f"eigendecomposition failed {record.consecutive_failures} times in a row for "
                     f"{where}; the factor is likely corrupted (non-finite or badly scaled)"
                 )
+                continue
             if not self._warned_failure:
                 self._warned_failure = True
                 warnings.warn(
