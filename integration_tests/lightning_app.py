@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from integration_tests.test_ddp import ALGORITHMS, BATCH, batch, make_model
+from integration_tests.test_ddp import BATCH, batch, make_model
+from lightning_precond.registry import ALGORITHMS
 
 
 class TinyRegression(L.LightningModule):
@@ -44,7 +45,7 @@ class TinyRegression(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return ALGORITHMS[self.algorithm](self.parameters())
+        return ALGORITHMS[self.algorithm].build(self.parameters())
 
     def train_dataloader(self) -> DataLoader:
         # The content is unused (see training_step); only its length matters.
@@ -58,21 +59,33 @@ class TinyRegression(L.LightningModule):
         return torch.cat(full)
 
 
-def finish(trainer: L.Trainer, out, params: torch.Tensor) -> None:
-    """Rank 0 writes ``out/params.pt`` and ``out/world.txt``; then every rank tears the
-    process group down in order and leaves without the interpreter's shutdown.
+def save_result(trainer: L.Trainer, out, params: torch.Tensor) -> None:
+    """Rank 0 writes ``out/params.pt`` and ``out/world.txt`` (a script running several
+    algorithms writes each one's as soon as it is done)."""
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(params, out / "params.pt")
+        (out / "world.txt").write_text(str(trainer.world_size))
+
+
+def exit_cleanly() -> None:
+    """Every rank tears the process group down in order and leaves without the interpreter's
+    shutdown.
 
     torch 2.13's gloo sometimes aborts at interpreter exit ("terminate called without an
     active exception", exit -6), after all work is done and written. Seen here about once in
     a dozen 2-rank FSDPStrategy runs, with torch's AdamW as well as ours, even after an
     explicit destroy_process_group; hence ``os._exit`` once everything is flushed.
     """
-    if trainer.is_global_zero:
-        torch.save(params, out / "params.pt")
-        (out / "world.txt").write_text(str(trainer.world_size))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def finish(trainer: L.Trainer, out, params: torch.Tensor) -> None:
+    """:func:`save_result`, then :func:`exit_cleanly`."""
+    save_result(trainer, out, params)
+    exit_cleanly()

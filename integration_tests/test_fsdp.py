@@ -9,16 +9,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import lightning_precond as lp
-from integration_tests.launch import launch
+from integration_tests.launch import case_results, launch, launch_cases, running, save_case
 from integration_tests.test_ddp import BATCH, batch, flat_params, single_thread, train_like_ddp
+from lightning_precond.registry import ALGORITHMS, names
 
-ALGORITHMS = {
-    "SOAP": lambda ps, **kw: lp.SOAP(ps, lr=3e-3, precondition_frequency=5, **kw),
-    "Shampoo": lambda ps, **kw: lp.Shampoo(ps, lr=3e-3, precondition_frequency=5, epsilon=1e-6, **kw),
-    "KLShampoo": lambda ps, **kw: lp.KLShampoo(ps, lr=3e-3, precondition_frequency=5, **kw),
-}
 STEPS = 20
+# FSDP1 checkpoints through FSDP's and DCP's APIs, two launches per case: a subset (registry
+# names), one of each kind of block state: SOAP's, KL-Shampoo's and those without factors
+# (Muon's momentum). Every algorithm trains under FSDP1 and FSDP2 below.
+CHECKPOINTED = ("SOAP", "KLShampoo", *names(has_basis=False))
 
 
 def make_model() -> torch.nn.Module:
@@ -40,41 +39,44 @@ def train_shard(model, opt, steps: range, rank: int, world: int) -> None:
         opt.step()
 
 
-def _fsdp2_worker(rank: int, world: int, name: str, out: str) -> None:
+def _fsdp2_worker(rank: int, world: int, algorithms: list[str], out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
     mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = ALGORITHMS[name](model.parameters())
-    train_shard(model, opt, range(STEPS), rank, world)
-    full = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
-    owned = {s.block_id for s in opt.preconditioner_stats()}
-    torch.save({"params": full, "owned": owned, "world": dist.get_world_size(),
-                "comm": opt._router.bytes_last_step}, Path(out) / f"rank{rank}.pt")
+    for name in algorithms:
+        with running(name):
+            model = make_model()
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = ALGORITHMS[name].build(model.parameters())
+            train_shard(model, opt, range(STEPS), rank, world)
+            full = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+            result = {"params": full, "world": dist.get_world_size(), "comm": opt._router.bytes_last_step}
+        save_case(out, name, rank, result)
 
 
-def _fsdp1_worker(rank: int, world: int, name: str, out: str) -> None:
+def _fsdp1_worker(rank: int, world: int, algorithms: list[str], out: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    model = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=True,
-                 auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
-    opt = ALGORITHMS[name](model.parameters(), distributed=model)
-    train_shard(model, opt, range(STEPS), rank, world)
-    with FSDP.summon_full_params(model):
-        full = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    torch.save({"params": full, "world": dist.get_world_size(), "comm": opt._router.bytes_last_step},
-               Path(out) / f"rank{rank}.pt")
+    for name in algorithms:
+        with running(name):
+            model = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=True,
+                         auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+            opt = ALGORITHMS[name].build(model.parameters(), distributed=model)
+            train_shard(model, opt, range(STEPS), rank, world)
+            with FSDP.summon_full_params(model):
+                full = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+            result = {"params": full, "world": dist.get_world_size(), "comm": opt._router.bytes_last_step}
+        save_case(out, name, rank, result)
 
 
 def reference(name: str) -> torch.Tensor:
     model = make_model()
-    opt = ALGORITHMS[name](model.parameters())
+    opt = ALGORITHMS[name].build(model.parameters())
     with single_thread():
         train_like_ddp(_Slice16(model), opt, range(STEPS), 2)
     return flat_params(model)
@@ -89,12 +91,26 @@ class _Slice16(torch.nn.Module):
         return self.inner(x[:, :16])
 
 
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Per backend, one launch training every algorithm (at the first test that needs it)."""
+    done: dict[str, tuple[Path, str]] = {}
+
+    def get(backend: str, name: str) -> list[dict]:
+        if backend not in done:
+            out = tmp_path_factory.mktemp(backend)
+            worker = _fsdp2_worker if backend == "fsdp2" else _fsdp1_worker
+            done[backend] = out, launch_cases(worker, 2, names(), str(out))
+        out, failure = done[backend]
+        return case_results(out, name, 2, failure)
+
+    return get
+
+
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1"])
-@pytest.mark.parametrize("name", list(ALGORITHMS))
-def test_two_sharded_ranks_equal_one_process(backend, name, tmp_path):
-    worker = _fsdp2_worker if backend == "fsdp2" else _fsdp1_worker
-    launch(worker, 2, name, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.mark.parametrize("name", names())
+def test_two_sharded_ranks_equal_one_process(backend, name, sharded_runs):
+    ranks = sharded_runs(backend, name)
     assert all(r["world"] == 2 for r in ranks)
     expected = reference(name)
     for r in ranks:
@@ -162,12 +178,12 @@ def _fsdp1_checkpoint_worker(
     rank: int, world: int, name: str, api: str, phase: str, out: str, sharding: str = "FULL_SHARD"
 ) -> None:
     model = _fsdp1(make_model(), sharding)
-    opt = ALGORITHMS[name](model.parameters(), distributed=model)
+    opt = ALGORITHMS[name].build(model.parameters(), distributed=model)
     if phase == "save":
         train_shard(model, opt, range(STEPS // 2), rank, world)
         local = opt.state_dict()  # the per-rank input of FSDP's API: what this rank holds
         held = {index for index, _, numel in opt._router._geometry_of_all_ranks(opt._router.local_pieces())[rank]
-                if numel > 0} | {index for index, _, _ in opt._router.diagonal_geometry()}
+                if numel > 0} | {index for index, _, _ in opt._router.checkpoint_layout().vector_pieces}
         entries = sorted((index, key) for index, entry in local["state"].items() for key in entry)
         torch.save({"entries": entries, "held": held}, Path(out) / f"local_rank{rank}.pt")
         save_checkpoint(api, model, opt, Path(out))
@@ -188,7 +204,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def _one_process(name: str, steps: range, path: Path, load: str | None = None, save: bool = False) -> torch.Tensor:
     """One process, no FSDP, the gradients of 2 data-parallel ranks."""
     model = make_model()
-    opt = ALGORITHMS[name](model.parameters())
+    opt = ALGORITHMS[name].build(model.parameters())
     if load is not None:
         load_checkpoint(load, model, opt, path, fsdp=False)
     with single_thread():
@@ -199,7 +215,7 @@ def _one_process(name: str, steps: range, path: Path, load: str | None = None, s
 
 
 @pytest.mark.parametrize("api", ["fsdp_full", "dcp"])
-@pytest.mark.parametrize("name", ["SOAP", "KLShampoo"])
+@pytest.mark.parametrize("name", CHECKPOINTED)
 def test_fsdp1_checkpoint_resumes_at_two_and_one_ranks(name, api, tmp_path):
     """Saved at 2 FSDP1 ranks through FSDP's / DCP's API, resumed at 2 ranks and in one
     process: both continue like the uninterrupted run."""
@@ -249,7 +265,7 @@ def test_fsdp1_resumes_a_one_process_dcp_checkpoint(tmp_path):
 def _fsdp1_consolidated_worker(rank: int, world: int, out: str) -> None:
     """Outside FSDP's API: consolidate_state_dict() makes state_dict() complete on every rank."""
     model = _fsdp1(make_model())
-    opt = ALGORITHMS["SOAP"](model.parameters(), distributed=model)
+    opt = ALGORITHMS["SOAP"].build(model.parameters(), distributed=model)
     train_shard(model, opt, range(STEPS // 2), rank, world)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     opt.consolidate_state_dict()
@@ -257,7 +273,7 @@ def _fsdp1_consolidated_worker(rank: int, world: int, out: str) -> None:
     if rank == 0:
         torch.save(saved_opt, Path(out) / "consolidated.pt")
     resumed_model = _fsdp1(make_model())
-    resumed_opt = ALGORITHMS["SOAP"](resumed_model.parameters(), distributed=resumed_model)
+    resumed_opt = ALGORITHMS["SOAP"].build(resumed_model.parameters(), distributed=resumed_model)
     resumed_model.load_state_dict(saved_model)
     resumed_opt.load_state_dict(saved_opt)
     train_shard(resumed_model, resumed_opt, range(STEPS // 2, STEPS), rank, world)
@@ -276,6 +292,6 @@ def test_fsdp1_consolidated_state_dict_is_complete(tmp_path):
         assert _relative(resumed["params"], expected) <= 1e-5, f"rank {rank}"
     saved = torch.load(tmp_path / "consolidated.pt")
     single = make_model()
-    opt = ALGORITHMS["SOAP"](single.parameters())
+    opt = ALGORITHMS["SOAP"].build(single.parameters())
     opt.load_state_dict(saved)  # complete: loads into one process
     assert set(saved["state"][0]) == {"block0"} and set(saved["state"][1]) == {"adamw"}

@@ -1,9 +1,13 @@
 """Accelerate with 2 CPU processes (launched by ``torchrun --nproc-per-node 2``) training
-with our optimizer; ``accelerator.save_state`` / ``load_state`` round trip.
+with our optimizers; ``accelerator.save_state`` / ``load_state`` round trip.
 
     torchrun --nproc-per-node 2 integration_tests/scripts/accelerate_ddp.py --out DIR --steps 20 \
-        [--save-at 10] [--resume DIR/state]
-Writes DIR/params.pt and DIR/processes.txt on the main process.
+        [--algorithms SOAP,Shampoo,...] [--save-at 10] [--resume SAVED_DIR]
+Trains each algorithm (default: every registered one) in turn, each with its own
+``Accelerator``, model and optimizer, so that ``save_state`` holds only its objects. Writes
+DIR/<algorithm>/params.pt (as soon as that algorithm is done), DIR/<algorithm>/state (with
+``--save-at``) and DIR/processes.txt on the main process; ``--resume`` loads
+SAVED_DIR/<algorithm>/state.
 """
 
 from __future__ import annotations
@@ -17,27 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from integration_tests.test_ddp import ALGORITHMS, BATCH, batch, make_model  # noqa: E402
+from integration_tests.test_ddp import BATCH, batch, make_model  # noqa: E402
+from lightning_precond.registry import ALGORITHMS, names  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--algorithm", default="SOAP")
-    parser.add_argument("--save-at", type=int)
-    parser.add_argument("--resume")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
-    out = Path(args.out)
+def train(accelerator: Accelerator, name: str, out: Path, args: argparse.Namespace) -> None:
     model = make_model()
-    optimizer = ALGORITHMS[args.algorithm](model.parameters())
+    optimizer = ALGORITHMS[name].build(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     if args.resume:
-        accelerator.load_state(args.resume)
-        start = int((Path(args.resume) / "step.txt").read_text())
+        state = Path(args.resume) / name / "state"
+        accelerator.load_state(str(state))
+        start = int((state / "step.txt").read_text())
     rank, world = accelerator.process_index, accelerator.num_processes
     half = BATCH // world
     for step in range(start, args.steps):
@@ -51,8 +47,28 @@ def main() -> None:
             if accelerator.is_main_process:
                 (out / "state" / "step.txt").write_text(str(step + 1))
     params = torch.cat([p.detach().reshape(-1) for p in accelerator.unwrap_model(model).parameters()])
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(params, out / "params.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--algorithms", default=",".join(names()),
+                        help=f"comma list of registered algorithms (default: all, {','.join(names())})")
+    parser.add_argument("--save-at", type=int)
+    parser.add_argument("--resume")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    accelerator = None
+    for name in args.algorithms.split(","):
+        accelerator = Accelerator(cpu=True)  # a fresh one per algorithm: save_state saves its objects only
+        (out / name).mkdir(parents=True, exist_ok=True)
+        train(accelerator, name, out / name, args)
+    if accelerator.is_main_process:
         (out / "processes.txt").write_text(f"{accelerator.num_processes} {accelerator.distributed_type}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group in order (gloo can abort at exit)

@@ -3,9 +3,12 @@
 
 Run as a script (Lightning's subprocess launcher re-runs this file for rank 1):
     python integration_tests/scripts/lightning_fsdp1.py --out DIR --steps 20 [--devices 1|2]
-        [--algorithm SOAP|Shampoo|KLShampoo|AdamW] [--state-dict-type full|sharded]
-        [--save ckpt] [--resume ckpt]
-Writes DIR/params.pt (rank 0: the full parameters, gathered) and DIR/world.txt.
+        [--algorithms SOAP,Shampoo,...,AdamW] [--state-dict-types full,sharded]
+        [--save CKPT_DIR] [--resume CKPT_DIR]
+Fits every case (algorithm x state dict type) in turn, each with its own strategy, Trainer and
+module, in one launch. Writes DIR/<algorithm>-<state dict type>/params.pt (rank 0: the full
+parameters, gathered, as soon as the case is done) and .../world.txt; ``--save`` writes
+CKPT_DIR/<algorithm>-<state dict type>.ckpt, which ``--resume`` reads.
 At ``--devices 1`` the same strategy runs FSDP1 at world size 1 (FSDP switches to NO_SHARD)
 and accumulates two half batches, so it sees the global batches of the 2-rank run.
 """
@@ -30,17 +33,18 @@ from torch.distributed.fsdp import (  # noqa: E402
 )
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 
-from integration_tests.lightning_app import TinyRegression, finish  # noqa: E402
-from integration_tests.test_fsdp import ALGORITHMS as PRECONDITIONED  # noqa: E402
+from integration_tests.lightning_app import TinyRegression, exit_cleanly, save_result  # noqa: E402
+from lightning_precond.registry import ALGORITHMS as REGISTERED  # noqa: E402
+from lightning_precond.registry import names  # noqa: E402
 
-ALGORITHMS = [*PRECONDITIONED, "AdamW"]  # AdamW checks the harness without our optimizers
+ALGORITHMS = [*names(), "AdamW"]  # AdamW checks the harness without our optimizers
 
 
 def make_optimizer(algorithm: str, params, distributed=None) -> torch.optim.Optimizer:
     """``distributed``: the FSDP1-wrapped module (None: a single process, for references)."""
     if algorithm == "AdamW":
         return torch.optim.AdamW(params, lr=3e-3)
-    return PRECONDITIONED[algorithm](params, distributed=distributed)
+    return REGISTERED[algorithm].build(params, distributed=distributed)
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -127,21 +131,11 @@ class FSDPRegression(TinyRegression):
         return make_optimizer(self.algorithm, self.parameters(), distributed=self.trainer.strategy.model)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--devices", type=int, default=2, choices=[1, 2])
-    parser.add_argument("--algorithm", default="SOAP", choices=ALGORITHMS)
-    parser.add_argument("--state-dict-type", default="full", choices=["full", "sharded"])
-    parser.add_argument("--save")
-    parser.add_argument("--resume")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    out = Path(args.out)
+def fit(algorithm: str, state_dict_type: str, args: argparse.Namespace) -> None:
+    case = f"{algorithm}-{state_dict_type}"
     strategy = CPUFSDPStrategy(
         auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
-        state_dict_type=args.state_dict_type,
+        state_dict_type=state_dict_type,
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -154,14 +148,36 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = FSDPRegression(args.algorithm)
-    trainer.fit(model, ckpt_path=args.resume)
+    model = FSDPRegression(algorithm)
+    trainer.fit(model, ckpt_path=str(Path(args.resume) / f"{case}.ckpt") if args.resume else None)
     if args.save:
-        trainer.save_checkpoint(args.save)
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(Path(args.save) / f"{case}.ckpt")
     # A collective: every rank gathers the full parameters (in net.parameters() order).
     with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
         params = torch.cat([p.detach().reshape(-1).clone() for p in model.net.parameters()])
-    finish(trainer, out, params)
+    save_result(trainer, Path(args.out) / case, params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--devices", type=int, default=2, choices=[1, 2])
+    parser.add_argument("--algorithms", default="SOAP", help=f"comma list, from {', '.join(ALGORITHMS)}")
+    parser.add_argument("--state-dict-types", default="full", help="comma list, from full, sharded")
+    parser.add_argument("--save")
+    parser.add_argument("--resume")
+    args = parser.parse_args()
+    algorithms = args.algorithms.split(",")
+    state_dict_types = args.state_dict_types.split(",")
+    if not set(algorithms) <= set(ALGORITHMS) or not set(state_dict_types) <= {"full", "sharded"}:
+        parser.error(f"unknown algorithm or state dict type in {args.algorithms!r} / {args.state_dict_types!r}")
+    torch.set_num_threads(1)
+    for algorithm in algorithms:
+        for state_dict_type in state_dict_types:
+            fit(algorithm, state_dict_type, args)
+    exit_cleanly()
 
 
 if __name__ == "__main__":
