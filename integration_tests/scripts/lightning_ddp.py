@@ -1,9 +1,14 @@
-"""Lightning Trainer(strategy="ddp", devices=2) with our optimizer and callbacks.
+"""Lightning Trainer(strategy="ddp", devices=2) with our optimizers and callbacks.
 
 Run as a script (Lightning's DDP launcher re-runs this file for rank 1):
     python integration_tests/scripts/lightning_ddp.py --out DIR --steps 20 [--devices 1|2]
-        [--algorithm SOAP] [--save ckpt] [--resume ckpt]
-Writes DIR/params.pt (rank 0) and DIR/world.txt; CSV logs under DIR/logs.
+        [--algorithms SOAP,Muon,...] [--strategy ddp|fsdp2] [--save CKPT_DIR] [--resume CKPT_DIR]
+Fits each algorithm in turn (default: every registered one), each with its own Trainer and
+module, in one launch: the process group and the rank processes are set up once. Writes
+DIR/<algorithm>/params.pt (rank 0, as soon as that algorithm is done) and
+DIR/<algorithm>/world.txt, CSV logs under DIR/<algorithm>/logs; ``--save`` writes
+CKPT_DIR/<algorithm>.ckpt, which ``--resume`` reads. The staleness monitor and adaptive
+refresh callbacks go with the algorithms that have eigenbases.
 """
 
 from __future__ import annotations
@@ -18,28 +23,22 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from integration_tests.lightning_app import TinyRegression, finish  # noqa: E402
+from integration_tests.lightning_app import TinyRegression, exit_cleanly, save_result  # noqa: E402
+from lightning_precond import registry  # noqa: E402
 from lightning_precond.callbacks import AdaptiveEigenbasisRefresh, EigenStalenessMonitor  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--algorithm", default="SOAP")
-    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
-    parser.add_argument("--save")
-    parser.add_argument("--resume")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    out = Path(args.out)
+def fit(name: str, args: argparse.Namespace, out: Path) -> None:
     if args.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     else:
         strategy = "ddp" if args.devices > 1 else "auto"
+    callbacks = []
+    if registry.ALGORITHMS[name].has_basis:
+        callbacks = [EigenStalenessMonitor(log_every_n_steps=2),
+                     AdaptiveEigenbasisRefresh(tolerance=0.05, check_every=4)]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -47,17 +46,35 @@ def main() -> None:
         max_steps=args.steps,
         accumulate_grad_batches=1 if args.devices > 1 else 2,
         logger=CSVLogger(str(out / "logs"), name="", version=""),
-        callbacks=[EigenStalenessMonitor(log_every_n_steps=2), AdaptiveEigenbasisRefresh(tolerance=0.05, check_every=4)],
+        callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    model = TinyRegression(args.algorithm, shard=args.strategy == "fsdp2")
-    trainer.fit(model, ckpt_path=args.resume)
+    model = TinyRegression(name, shard=args.strategy == "fsdp2")
+    trainer.fit(model, ckpt_path=str(Path(args.resume) / f"{name}.ckpt") if args.resume else None)
     if args.save:
-        trainer.save_checkpoint(args.save)
-    finish(trainer, out, model.flat_params())
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(Path(args.save) / f"{name}.ckpt")
+    save_result(trainer, out, model.flat_params())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--algorithms", default=",".join(registry.names()),
+                        help="comma list of registered algorithms (default: all)")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
+    parser.add_argument("--save")
+    parser.add_argument("--resume")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name in args.algorithms.split(","):
+        fit(name, args, Path(args.out) / name)
+    exit_cleanly()
 
 
 if __name__ == "__main__":
