@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_precond as lp
 from lightning_precond.algorithms.eigenbasis import eigh_descending, power_step, qr_algorithm, staleness
+from lightning_precond.registry import ALGORITHMS, names
+
+# The optimizer-level tests run with every algorithm that has eigenbases (each at its defaults
+# but for the settings given).
+WITH_BASIS = names(has_basis=True)
 
 
 def known_spectrum(n: int, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,9 +77,11 @@ def fit(model, opt, x, y, steps: int) -> float:
         return ((model(x) - y) ** 2).mean().item()
 
 
-def test_staleness_is_zero_after_eigh_and_grows_as_statistics_drift():
+@pytest.mark.parametrize("name", WITH_BASIS)
+def test_staleness_is_zero_after_eigh_and_grows_as_statistics_drift(name):
     model, x, y = model_and_data()
-    opt = lp.SOAP(model.parameters(), precondition_frequency=10**6, preconditioner_dtype=torch.float64)
+    opt = ALGORITHMS[name].optimizer(model.parameters(), precondition_frequency=10**6,
+                                     preconditioner_dtype=torch.float64)
     fit(model, opt, x, y, 2)
     opt.refresh_eigenbasis(method="eigh")
     fresh = opt.preconditioner_stats()
@@ -87,10 +93,11 @@ def test_staleness_is_zero_after_eigh_and_grows_as_statistics_drift():
     assert all(s.steps_since_refresh == 30 for s in drifted)
 
 
-def test_refresh_eigenbasis_selects_stale_factors_and_named_blocks():
+@pytest.mark.parametrize("name", WITH_BASIS)
+def test_refresh_eigenbasis_selects_stale_factors_and_named_blocks(name):
     model, x, y = model_and_data()
-    opt = lp.SOAP(model.parameters(), precondition_frequency=10**6, max_qr_iterations=50,
-                  preconditioner_dtype=torch.float64)
+    opt = ALGORITHMS[name].optimizer(model.parameters(), precondition_frequency=10**6, max_qr_iterations=50,
+                                     preconditioner_dtype=torch.float64)
     fit(model, opt, x, y, 20)
     refreshed = opt.refresh_eigenbasis(select=[("0.0", "left")], method="eigh")
     assert [(r.block_id, r.side) for r in refreshed] == [("0.0", "left")]
@@ -102,14 +109,25 @@ def test_refresh_eigenbasis_selects_stale_factors_and_named_blocks():
     assert all(s.staleness <= 0.01 for s in opt.preconditioner_stats())
 
 
-def test_adaptive_refresh_uses_fewer_refreshes_at_the_same_loss():
+# Measured when the test first ran for every algorithm: at tolerance 0.1 adaptive refresh
+# costs EC-Shampoo about 4% of final loss here (0.306 vs 0.293, 42 refreshes instead of 160;
+# its eigenvalues are EMAs taken in the basis), more than the 1% bound.
+ADAPTIVE_COSTS_MORE = {"EigenvalueCorrectedShampoo": "adaptive refresh at tolerance 0.1 costs EC-Shampoo ~4% loss"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=ADAPTIVE_COSTS_MORE[n])) if n in ADAPTIVE_COSTS_MORE else n
+    for n in WITH_BASIS
+])
+def test_adaptive_refresh_uses_fewer_refreshes_at_the_same_loss(name):
+    cls = ALGORITHMS[name].optimizer
     model_fixed, x, y = model_and_data()
-    fixed = lp.SOAP(model_fixed.parameters(), lr=3e-3, precondition_frequency=5)
+    fixed = cls(model_fixed.parameters(), lr=3e-3, precondition_frequency=5)
     loss_fixed = fit(model_fixed, fixed, x, y, 200)
 
     model_adaptive, _, _ = model_and_data()
-    adaptive = lp.SOAP(model_adaptive.parameters(), lr=3e-3, precondition_frequency=5,
-                       refresh="adaptive", refresh_tolerance=0.1, refresh_check_interval=5)
+    adaptive = cls(model_adaptive.parameters(), lr=3e-3, precondition_frequency=5,
+                   refresh="adaptive", refresh_tolerance=0.1, refresh_check_interval=5)
     loss_adaptive = fit(model_adaptive, adaptive, x, y, 200)
 
     count = lambda opt: sum(s.refresh_count for s in opt.preconditioner_stats())  # noqa: E731
@@ -130,21 +148,24 @@ def test_adaptive_refresh_uses_fewer_refreshes_at_the_same_loss():
         (dict(select=[("0.0", "middle")]), "side"),
     ],
 )
-def test_refresh_eigenbasis_rejects_bad_input(kwargs, name):
+@pytest.mark.parametrize("algorithm", WITH_BASIS)
+def test_refresh_eigenbasis_rejects_bad_input(algorithm, kwargs, name):
     model, x, y = model_and_data()
-    opt = lp.SOAP(model.parameters())
+    opt = ALGORITHMS[algorithm].optimizer(model.parameters())
     fit(model, opt, x, y, 2)
     with pytest.raises(ValueError, match=name):
         opt.refresh_eigenbasis(**kwargs)
 
 
-def test_an_attached_owner_stops_the_optimizers_own_refresh():
+@pytest.mark.parametrize("name", WITH_BASIS)
+def test_an_attached_owner_stops_the_optimizers_own_refresh(name):
     model, x, y = model_and_data()
-    opt = lp.SOAP(model.parameters(), precondition_frequency=2)
+    opt = ALGORITHMS[name].optimizer(model.parameters(), precondition_frequency=2)
     owner = object()
     opt.attach_refresh_owner(owner)
     fit(model, opt, x, y, 9)
-    assert all(s.refresh_count == 1 for s in opt.preconditioner_stats())  # only the initial eigh
+    # only the initial eigh (Shampoo: its roots before the first preconditioned step)
+    assert all(s.refresh_count == 1 for s in opt.preconditioner_stats())
     with pytest.raises(RuntimeError, match="already owned"):
         opt.attach_refresh_owner(object())
     opt.detach_refresh_owner(owner)
