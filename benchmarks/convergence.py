@@ -32,8 +32,9 @@ Tasks (``benchmarks/tasks.py``; offline data from ``examples/data.py``): CharGPT
 Shakespeare (last 5% held out), an MLP on Fashion-MNIST and the 784-1000-500-250-30 deep
 autoencoder on Fashion-MNIST.
 
-Contenders: ``torch.optim.AdamW``; our SOAP, Shampoo (Adam-grafted), KLShampoo, KLSOAP and
-EigenvalueCorrectedShampoo; and the peers installed by the ``bench`` extra, when importable:
+Contenders: ``torch.optim.AdamW``; every algorithm of ``lightning_precond.registry`` (SOAP,
+Shampoo (Adam-grafted), KLShampoo, KLSOAP, EigenvalueCorrectedShampoo, and any registered
+later); and the peers installed by the ``bench`` extra, when importable:
 pytorch-optimizer's ``SOAP`` and ``ScalableShampoo`` (its grafted, blocked Shampoo; its plain
 ``Shampoo`` is ungrafted with no moving averages, so it is not the same algorithm as ours) and
 heavyball's ``SOAP``, ``KLShampoo`` and ``KLSOAP``. heavyball is run eager
@@ -45,16 +46,21 @@ Common settings, identical for every contender: the same initial weights and the
 at each step (all contenders of a learning rate advance in lockstep, one step each, in an
 order rotated every step, so machine noise is spread evenly); weight decay 0; learning-rate
 schedule = linear warm-up over the first 5% of steps, then cosine decay to 10%;
-preconditioner refresh every 10 steps for every matrix method (peers included; heavyball's
-refresh schedule is switched off); other hyperparameters at each implementation's defaults.
+preconditioner refresh every 10 steps for every matrix method with eigenbases (peers included;
+heavyball's refresh schedule is switched off); other hyperparameters at each implementation's
+defaults.
 On the autoencoder the Kronecker factors are blocked at 256 (``--ae-block``): ours via
 ``max_preconditioner_dim``, heavyball via ``max_precond_dim`` + ``split=True``,
 ScalableShampoo via ``block_size``. pytorch-optimizer's SOAP cannot block (it falls back to a
 diagonal for larger dims), so it is not run there.
 
-Learning rates: the same log-spaced sweep for every contender (default 3e-4, 1e-3, 3e-3;
-``--sweep``). The best learning rate (lowest final eval loss) is reported; every run is kept in
-the raw results.
+Learning rates: one log-spaced sweep shared by the contenders of the recorded results (default
+3e-4, 1e-3, 3e-3; ``--sweep``): AdamW, the peers and our algorithms in ``SHARED_SWEEP``. Any
+other registered algorithm has nothing recorded, so it gets its own sweep of 5 values around
+its default learning rate, a factor ~3 apart (``default_sweep``; ``--quick``: its default alone);
+``--sweep-for NAME=LR,LR,...`` sets any contender's sweep. At each learning rate the contenders
+that sweep it train in lockstep. The best learning rate (lowest final eval loss) is reported;
+every run is kept in the raw results.
 
 Metrics (per task, best learning rate of each contender):
 
@@ -84,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import platform
@@ -106,20 +113,18 @@ if str(_HERE) not in sys.path:
 
 from tasks import TASK_NAMES, Task, build_task  # noqa: E402
 
-from lightning_precond import (  # noqa: E402
-    KLSOAP,
-    SOAP,
-    EigenvalueCorrectedShampoo,
-    KLShampoo,
-    Shampoo,
-)
+from lightning_precond import PreconditionedOptimizer  # noqa: E402
+from lightning_precond.registry import ALGORITHMS, AlgorithmEntry, names  # noqa: E402
 
 DEFAULT_OUT = _HERE / "results"
 DEFAULT_SWEEP = (3e-4, 1e-3, 3e-3)
 DEFAULT_EVAL_EVERY = {"chargpt": 20, "mlp": 10, "autoencoder": 10}
 REFRESH_EVERY = 10
 BASELINE = "AdamW"
-OURS = ("SOAP", "Shampoo", "KLShampoo", "KLSOAP", "EigenvalueCorrectedShampoo")
+OURS = tuple(names())  # every registered algorithm
+# Our algorithms whose learning rates the recorded results swept with DEFAULT_SWEEP (shared with
+# AdamW and the peers); any other registered algorithm gets default_sweep() of its default lr.
+SHARED_SWEEP = ("SOAP", "Shampoo", "KLShampoo", "KLSOAP", "EigenvalueCorrectedShampoo")
 
 try:  # progress bars are optional
     from tqdm.auto import tqdm
@@ -138,17 +143,48 @@ class Contender:
     impl: str            # "ours", "torch", "pytorch-optimizer", "heavyball"
     build: Callable[[list[nn.Parameter], float, int], torch.optim.Optimizer]  # (params, lr, block)
     tasks: tuple[str, ...] = TASK_NAMES
+    sweep: tuple[float, ...] | None = None  # its own learning rates; None: the shared sweep
 
 
-def _ours(cls: type, **kw: Any) -> Callable[..., torch.optim.Optimizer]:
+def default_lr(entry: AlgorithmEntry) -> float:
+    """The optimizer's default learning rate (its constructor's; else its short-run one)."""
+    default = inspect.signature(entry.optimizer).parameters.get("lr")
+    if default is not None and isinstance(default.default, float):
+        return default.default
+    return float(entry.short_run.get("lr", 1e-3))
+
+
+def default_sweep(lr: float) -> tuple[float, ...]:
+    """5 learning rates around ``lr``, a factor ~3 apart: on the 1-3-10 ladder of the shared
+    sweep when ``lr`` is on it (1e-3: 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), else ``lr * 3**k``."""
+    exponent = math.floor(math.log10(lr))
+    mantissa = lr / 10.0**exponent
+    if not (math.isclose(mantissa, 1.0, rel_tol=1e-6) or math.isclose(mantissa, 3.0, rel_tol=1e-6)):
+        return tuple(float(f"{lr * 3.0 ** k:.2g}") for k in (-2, -1, 0, 1, 2))
+    rung = 2 * exponent + (mantissa > 2.0)  # rung r is 10^(r // 2), times 3 if r is odd
+
+    def value(r: int) -> float:
+        return float(f"{10.0 ** (r // 2) * (3.0 if r % 2 else 1.0):.2g}")
+
+    return tuple(value(r) for r in range(rung - 2, rung + 3))
+
+
+def _ours(entry: AlgorithmEntry, **kw: Any) -> Callable[..., torch.optim.Optimizer]:
+    """The registered optimizer at its defaults, but weight decay 0, a refresh every
+    REFRESH_EVERY steps (with eigenbases) and factors blocked at ``block``."""
+    cls = entry.optimizer
+    accepts = inspect.signature(cls).parameters
+
     def build(params: list[nn.Parameter], lr: float, block: int) -> torch.optim.Optimizer:
         extra = dict(kw)
-        if cls is Shampoo:
+        if "grafting" in accepts:  # Shampoo: Adam grafting (its default)
             extra.setdefault("grafting", "adam")
-        else:
-            extra["weight_decay"] = 0.0
-        return cls(params, lr=lr, precondition_frequency=REFRESH_EVERY,
-                   max_preconditioner_dim=block, **extra)
+        extra["weight_decay"] = 0.0
+        if entry.has_basis:
+            extra["precondition_frequency"] = REFRESH_EVERY
+        if issubclass(cls, PreconditionedOptimizer):  # an engine option
+            extra["max_preconditioner_dim"] = block
+        return cls(params, lr=lr, **extra)
 
     return build
 
@@ -159,15 +195,10 @@ def _adamw(params: list[nn.Parameter], lr: float, block: int) -> torch.optim.Opt
 
 def contenders(with_peers: bool = True) -> tuple[list[Contender], dict[str, str]]:
     """Return the contenders and, per peer package, why it is unavailable (if it is)."""
-    out = [
-        Contender("AdamW", "AdamW", "torch", _adamw),
-        Contender("SOAP", "SOAP", "ours", _ours(SOAP)),
-        Contender("Shampoo", "Shampoo", "ours", _ours(Shampoo)),
-        Contender("KLShampoo", "KLShampoo", "ours", _ours(KLShampoo)),
-        Contender("KLSOAP", "KLSOAP", "ours", _ours(KLSOAP)),
-        Contender("EigenvalueCorrectedShampoo", "EigenvalueCorrectedShampoo", "ours",
-                  _ours(EigenvalueCorrectedShampoo)),
-    ]
+    out = [Contender("AdamW", "AdamW", "torch", _adamw)]
+    for name, entry in ALGORITHMS.items():
+        sweep = None if name in SHARED_SWEEP else default_sweep(default_lr(entry))
+        out.append(Contender(name, name, "ours", _ours(entry), sweep=sweep))
     unavailable: dict[str, str] = {}
     if not with_peers:
         unavailable["peers"] = "disabled with --no-peers"
@@ -451,7 +482,7 @@ def render_report(result: dict[str, Any]) -> str:
         f"Generated {meta['date']} by `{meta['command']}` in {meta['total_seconds'] / 60:.1f} min "
         f"(torch {meta['torch']}, {meta['threads']} thread(s), {meta['platform']}).",
         "",
-        f"Learning-rate sweep (same for every contender): {', '.join(f'{x:g}' for x in meta['sweep'])}; "
+        f"Learning-rate sweep: {_sweeps_text(meta)}; "
         "best final eval loss reported. Warm-up 5% + cosine to 10%, weight decay 0, refresh every "
         f"{REFRESH_EVERY} steps, same init and batches for all. Wall-clock = the contender's own "
         "summed train-step time (eval excluded); steps/time to target interpolated between eval points.",
@@ -506,13 +537,15 @@ def render_report(result: dict[str, Any]) -> str:
             lines += ["", "Ours vs peer (same algorithm, each at its best lr):", "",
                       "| algorithm | peer | ms/step ours / peer | final loss ours | final loss peer | ours faster |",
                       "|---|---|---|---|---|---|", *pairs]
-        lines += ["", "Sweep (final eval loss per learning rate; `diverged`/`error` when a run failed):", "",
-                  "| optimizer | " + " | ".join(f"lr {x:g}" for x in meta["sweep"]) + " |",
-                  "|---|" + "---|" * len(meta["sweep"])]
+        swept = sorted({r["lr"] for r in tres["runs"]})
+        lines += ["", "Sweep (final eval loss per learning rate; `diverged`/`error` when a run failed, "
+                  "`·` not in that contender's sweep):", "",
+                  "| optimizer | " + " | ".join(f"lr {x:g}" for x in swept) + " |",
+                  "|---|" + "---|" * len(swept)]
         for n, row in s["rows"].items():
             cells = []
-            for x in meta["sweep"]:
-                v = row["sweep"].get(f"{x:g}")
+            for x in swept:
+                v = row["sweep"].get(f"{x:g}", "·")
                 cells.append(_fmt(v, ".4f") if isinstance(v, float) else str(v))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         errors = [r for r in tres["runs"] if r["status"] == "error"]
@@ -527,6 +560,17 @@ def render_report(result: dict[str, Any]) -> str:
               "eval points, which coincide with refresh steps).", "",
               "![staleness](convergence_staleness.png)", ""]
     return "\n".join(lines)
+
+
+def _sweeps_text(meta: dict[str, Any]) -> str:
+    """The shared sweep, and the contenders with their own (results before per-contender
+    sweeps existed have only the shared one)."""
+    shared = [float(x) for x in meta["sweep"]]
+    own = {n: lrs for n, lrs in meta.get("sweeps", {}).items() if [float(x) for x in lrs] != shared}
+    text = ", ".join(f"{x:g}" for x in shared) + (" (every contender)" if not own else " (shared)")
+    for n, lrs in own.items():
+        text += f"; {n}: " + ", ".join(f"{x:g}" for x in lrs)
+    return text
 
 
 def _pair_ratio(ours: dict[str, Any], peer: dict[str, Any]) -> float | None:
@@ -662,7 +706,7 @@ def probe_threads(steps: int = 12) -> tuple[int, dict[str, float]]:
     times: dict[int, list[float]] = {1: [], 2: []}
     setups = []
     for th in (1, 2):
-        for c in (_adamw, _ours(SOAP)):
+        for c in (_adamw, _ours(ALGORITHMS["SOAP"])):
             m = task.make_model()
             setups.append((th, m, c(list(m.parameters()), 1e-3, 1024)))
     for i, b in enumerate(batches):
@@ -699,6 +743,28 @@ def _parse_steps(spec: str | None, tasks: Sequence[str], quick: bool) -> dict[st
     return out
 
 
+def contender_sweeps(cons: Sequence[Contender], shared: Sequence[float], sweep_for: Sequence[str],
+                     quick: bool) -> dict[str, tuple[float, ...]]:
+    """Each contender's learning rates: ``--sweep-for``, else its own (``--quick``: the middle
+    one, its default lr), else the shared sweep."""
+    given: dict[str, tuple[float, ...]] = {}
+    for spec in sweep_for:
+        name, _, values = spec.partition("=")
+        if name.strip() not in {c.name for c in cons} or not values:
+            raise SystemExit(f"--sweep-for {spec!r}: expected NAME=LR,LR,... with NAME one of "
+                             f"{', '.join(c.name for c in cons)}")
+        given[name.strip()] = tuple(float(x) for x in values.split(","))
+    out = {}
+    for c in cons:
+        if c.name in given:
+            out[c.name] = given[c.name]
+        elif c.sweep is not None:
+            out[c.name] = (c.sweep[len(c.sweep) // 2],) if quick else c.sweep
+        else:
+            out[c.name] = tuple(shared)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -706,7 +772,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma list of {TASK_NAMES}")
     ap.add_argument("--steps", default=None,
                     help="steps per run: N for all tasks or task=N,... (default chargpt=200,mlp=120,autoencoder=80)")
-    ap.add_argument("--sweep", default=None, help="comma list of learning rates (default 3e-4,1e-3,3e-3)")
+    ap.add_argument("--sweep", default=None,
+                    help="comma list of learning rates shared by AdamW, the peers and SHARED_SWEEP "
+                         "(default 3e-4,1e-3,3e-3)")
+    ap.add_argument("--sweep-for", action="append", default=[], metavar="NAME=LR,LR,...",
+                    help="the learning rates of contender NAME (repeatable); others not in SHARED_SWEEP "
+                         "default to 5 values around their default lr")
     ap.add_argument("--eval-every", type=int, default=None, help="eval interval (default 20 chargpt, 10 others)")
     ap.add_argument("--threads", default="auto", help="'auto' (probe 1 vs 2) or an int")
     ap.add_argument("--ae-block", type=int, default=256, help="factor block size on the autoencoder")
@@ -715,7 +786,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-peers", action="store_true", help="skip pytorch-optimizer and heavyball")
     ap.add_argument("--fashion-root", default=None, help="directory with the Fashion-MNIST idx .gz files")
     ap.add_argument("--seed", type=int, default=0, help="model-init seed (data seed = seed + 1)")
-    ap.add_argument("--quick", action="store_true", help="3 steps, one learning rate, small eval sets")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 steps, one learning rate per contender, small eval sets")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the report and plots from <out>/convergence.json without training")
     args = ap.parse_args(argv)
@@ -746,6 +818,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.optimizers:
         keep = {x.strip() for x in args.optimizers.split(",")}
         cons = [c for c in cons if c.name in keep or c.name == BASELINE]
+    sweeps = contender_sweeps(cons, sweep, args.sweep_for, args.quick)
 
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"tasks": {}}
@@ -757,10 +830,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tcons = [c for c in cons if tname in c.tasks]
         pbytes = param_bytes(task.make_model())
         runs = []
-        for i, lr in enumerate(sweep):
+        lrs = sorted({lr for c in tcons for lr in sweeps[c.name]})
+        for i, lr in enumerate(lrs):
             t0 = time.perf_counter()
-            batch = run_lr(task, tcons, lr, steps[tname], eval_every, block,
-                           desc=f"{tname} lr={lr:g} ({i + 1}/{len(sweep)})")
+            batch = run_lr(task, [c for c in tcons if lr in sweeps[c.name]], lr, steps[tname], eval_every, block,
+                           desc=f"{tname} lr={lr:g} ({i + 1}/{len(lrs)})")
             print(f"[convergence] {tname} lr={lr:g}: {time.perf_counter() - t0:.0f} s; "
                   + ", ".join(f"{r.contender.name}={r.evals[-1]['eval_loss']:.3f}" if r.active and r.evals
                               else f"{r.contender.name}={r.status}" for r in batch), flush=True)
@@ -784,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__, "threads": threads, "thread_probe": probe,
         "thread_choice": thread_choice, "platform": platform.platform(), "sweep": sweep,
+        "sweeps": {name: list(lrs) for name, lrs in sweeps.items()},
         "steps": steps, "unavailable": unavailable, "quick": args.quick,
         "peer_versions": _peer_versions(),
         "total_seconds": time.perf_counter() - started,

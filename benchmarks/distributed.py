@@ -3,6 +3,9 @@ FSDP1 at 2, bytes our optimizer communicates per step, and per-rank optimizer-st
 
     .venv/bin/python benchmarks/distributed.py [--steps 30] [--algorithm SOAP] [--quick]
 
+``--algorithm``: any algorithm of ``lightning_precond.registry`` (each at its defaults,
+lr 1e-3), or AdamW, the baseline: what each backend costs without us.
+
 Ranks are forked gloo CPU processes with one thread each (this machine has 2 cores, so
 2 ranks use both). Step time = forward + backward + optimizer step, median over the timed
 steps after warm-up. Bytes are what the optimizer's router sends and receives on rank 0
@@ -26,13 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-import lightning_precond as lp  # noqa: E402
 from integration_tests.launch import launch  # noqa: E402
+from lightning_precond.registry import ALGORITHMS as REGISTERED  # noqa: E402
+from lightning_precond.registry import names  # noqa: E402
 
-ALGORITHMS = {
-    "SOAP": lp.SOAP,
-    "Shampoo": lp.Shampoo,
-    "KLShampoo": lp.KLShampoo,
+ALGORITHMS: dict[str, type[torch.optim.Optimizer]] = {
+    **{name: REGISTERED[name].optimizer for name in names()},
     "AdamW": torch.optim.AdamW,  # the baseline: what each backend costs without us
 }
 
@@ -113,7 +115,8 @@ def run(cfg: dict, name: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithm", default="SOAP", choices=list(ALGORITHMS))
+    parser.add_argument("--algorithm", default="SOAP", choices=[*ALGORITHMS, "all"],
+                        help="one of them, or all (every registered algorithm, then AdamW)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -121,10 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {"width": 256, "depth": 6, "batch": 256, "warmup": 5, "steps": args.steps}
     if args.quick:
         cfg.update(width=32, depth=2, batch=16, warmup=1, steps=2)
-    rows = run(cfg, args.algorithm)
+    for name in ALGORITHMS if args.algorithm == "all" else [args.algorithm]:
+        report(name, cfg, run(cfg, name), Path(args.out))
+
+
+def report(name: str, cfg: dict, rows: list[dict], out: Path) -> None:
     base = rows[0]
     lines = [
-        f"## {args.algorithm}: MLP 64-{cfg['width']}x{cfg['depth']}-10, global batch {cfg['batch']}, "
+        f"## {name}: MLP 64-{cfg['width']}x{cfg['depth']}-10, global batch {cfg['batch']}, "
         f"{cfg['steps']} timed steps, 1 thread per rank",
         "",
         "| backend | ranks | step ms | vs 1 process | optimizer bytes/step (rank 0) | state bytes/rank | vs 1 process |",
@@ -136,12 +143,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['comm_bytes_per_step']:,} | {r['state_bytes_per_rank']:,} | "
             f"{r['state_bytes_per_rank'] / base['state_bytes_per_rank']:.2f} |"
         )
-    report = "\n".join(lines)
-    print(report)
-    out = Path(args.out)
+    text = "\n".join(lines)
+    print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"distributed_{args.algorithm}.md").write_text(report + "\n")
-    (out / f"distributed_{args.algorithm}.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=2))
+    (out / f"distributed_{name}.md").write_text(text + "\n")
+    (out / f"distributed_{name}.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ What it measures (all in one process, CPU):
    1 and 2 intra-op threads; ``--threads auto`` (default) runs the main timing with the
    thread count that had the lower geometric-mean time per step.
 2. **Full training-step time** -- forward, backward, ``optimizer.step()`` and ``zero_grad()``
-   for AdamW (``torch.optim``), SOAP, Shampoo, KLShampoo, KLSOAP and
-   EigenvalueCorrectedShampoo on a small MLP and a small transformer (CharGPT). Every
+   for AdamW (``torch.optim``) and every algorithm of ``lightning_precond.registry`` (SOAP,
+   Shampoo, KLShampoo, KLSOAP, EigenvalueCorrectedShampoo, ...) on a small MLP and a small
+   transformer (CharGPT). Every
    contender is warmed up, then the contenders are run round-robin for ``--rounds`` rounds
    of ``--steps`` consecutive steps each (rotating the order every round), so machine
-   noise hits everyone alike. All optimizers use ``precondition_frequency=10`` (the
-   default); with ``--steps`` a multiple of 10 every round holds the same number of
+   noise hits everyone alike. All optimizers with eigenbases use ``precondition_frequency=10``
+   (the default); with ``--steps`` a multiple of 10 every round holds the same number of
    refreshes, so the per-round mean is the amortized cost. Reported: the median over
    rounds of the round's mean step time ("amortized ms/step"), its ratio to AdamW, the
    median single step (a typical step without refresh), p90 and max, and the median of
@@ -20,7 +21,7 @@ What it measures (all in one process, CPU):
    AdamW) and its ratio to the parameters' bytes.
 4. **Adaptive vs periodic refresh** -- CharGPT trained on Shakespeare for
    ``--refresh-steps`` steps with ``refresh="periodic"`` (every 10 steps) and
-   ``refresh="adaptive"`` for every preconditioned optimizer (and AdamW as a loss
+   ``refresh="adaptive"`` for every optimizer with eigenbases (and AdamW as a loss
    reference), all runs in lockstep on the same batches. Reported: the total refresh count
    (sum of ``refresh_count`` over the factors of ``preconditioner_stats()``, including
    the initial basis), final train loss (mean of the last 20 steps), eval loss on held-out
@@ -65,37 +66,27 @@ if str(_EXAMPLES) not in sys.path:
 import data as example_data  # noqa: E402  (examples/data.py)
 from models import MLP, CharGPT  # noqa: E402  (examples/models.py)
 
-from lightning_precond import (  # noqa: E402
-    KLSOAP,
-    SOAP,
-    EigenvalueCorrectedShampoo,
-    KLShampoo,
-    Shampoo,
-)
+from lightning_precond.registry import ALGORITHMS, names  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PRECONDITION_FREQUENCY = 10
 BASELINE = "AdamW"
-OPTIMIZER_NAMES = ("AdamW", "SOAP", "Shampoo", "KLShampoo", "KLSOAP", "EigenvalueCorrectedShampoo")
-PRECONDITIONED = OPTIMIZER_NAMES[1:]
+# Ours: every registered algorithm; the refresh experiment runs those with eigenbases.
+OPTIMIZER_NAMES = (BASELINE, *names())
+WITH_BASIS = tuple(names(has_basis=True))
 PROBE_OPTIMIZERS = ("AdamW", "SOAP")
 TRAIN_LOSS_WINDOW = 20
 
-_PRECONDITIONED_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "SOAP": SOAP,
-    "Shampoo": Shampoo,
-    "KLShampoo": KLShampoo,
-    "KLSOAP": KLSOAP,
-    "EigenvalueCorrectedShampoo": EigenvalueCorrectedShampoo,
-}
-
 
 def make_optimizer(name: str, params: Any, **options: Any) -> torch.optim.Optimizer:
-    """Each optimizer with its own default hyperparameters (``precondition_frequency=10``)."""
-    if name == "AdamW":
+    """Each optimizer with its own default hyperparameters (``precondition_frequency=10`` for
+    those with eigenbases, their default too)."""
+    if name == BASELINE:
         return torch.optim.AdamW(params)
-    cls = _PRECONDITIONED_CLASSES[name]
-    return cls(params, precondition_frequency=PRECONDITION_FREQUENCY, **options)
+    entry = ALGORITHMS[name]
+    if entry.has_basis:
+        options = {"precondition_frequency": PRECONDITION_FREQUENCY, **options}
+    return entry.optimizer(params, **options)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -386,14 +377,14 @@ def refresh_experiment(
     tolerances: Sequence[float],
     check_interval: int,
 ) -> dict[str, Any]:
-    """Periodic vs adaptive refresh (one run per tolerance) for every preconditioned
-    optimizer, all runs in lockstep on the same batches."""
+    """Periodic vs adaptive refresh (one run per tolerance) for every optimizer with
+    eigenbases, all runs in lockstep on the same batches."""
     runs: list[RefreshRun] = []
     model = build_gpt(text.vocab_size, seed)
     runs.append(RefreshRun(BASELINE, "-", None, model, make_optimizer(BASELINE, model.parameters())))
     variants: list[tuple[str, float | None]] = [("periodic", None)]
     variants += [("adaptive", tol) for tol in tolerances]
-    for name in PRECONDITIONED:
+    for name in WITH_BASIS:
         for mode, tol in variants:
             model = build_gpt(text.vocab_size, seed)
             options: dict[str, Any] = {"refresh": mode}
@@ -514,8 +505,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Protocol: every contender has its own model (same initialization) and is warmed up "
         f"for {cfg['warmup']} steps; then {cfg['rounds']} rounds, each running {cfg['steps']} "
         f"consecutive full training steps (forward, backward, optimizer.step, zero_grad) of every "
-        f"contender in turn, order rotated each round. All preconditioned optimizers use their "
-        f"default hyperparameters with precondition_frequency={PRECONDITION_FREQUENCY} (the "
+        f"contender in turn, order rotated each round. All our optimizers use their default "
+        f"hyperparameters, those with eigenbases precondition_frequency={PRECONDITION_FREQUENCY} (the "
         f"default), so refresh cost is included: with {cfg['steps']} steps per round every round "
         f"holds {cfg['steps'] // PRECONDITION_FREQUENCY} refresh(es) per factor. "
         f"**ms/step** is the median over rounds of the round's mean step time (amortized); "

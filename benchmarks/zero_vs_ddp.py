@@ -2,7 +2,9 @@
 
 Two forked gloo CPU ranks (one intra-op thread each) train an MLP (``--width``, ``--depth``)
 on random data, for every backend (torch DDP; DeepSpeed ZeRO-1, -2, -3) and every optimizer
-(SOAP, and torch AdamW as the backend's own baseline). Reported per backend and optimizer:
+(every algorithm of ``lightning_precond.registry`` at its defaults with lr 3e-3 and, with
+eigenbases, ``precondition_frequency=10``; and torch AdamW as the backend's own baseline).
+Reported per backend and optimizer:
 
 * ms/step: median over ``--steps`` measured steps (after ``--warmup``) of the wall time of
   forward + backward + optimizer step, the slower rank's;
@@ -16,7 +18,8 @@ on random data, for every backend (torch DDP; DeepSpeed ZeRO-1, -2, -3) and ever
   our router sends inside ``step()`` (gradient pieces to owners, updates back);
 * state MB: the optimizer state this rank holds (``state_bytes()``).
 
-Run ``python benchmarks/zero_vs_ddp.py`` (needs the ``deepspeed`` extra; about 2 minutes).
+Run ``python benchmarks/zero_vs_ddp.py`` (needs the ``deepspeed`` extra; about 2 minutes for
+SOAP and AdamW, ``--optimizers SOAP AdamW``, and longer for every further optimizer).
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning_precond as lp  # noqa: E402
 from benchmarks.distributed import make_model  # noqa: E402  (the same model as DDP/FSDP)
+from lightning_precond.registry import ALGORITHMS, names  # noqa: E402
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3")
-OPTIMIZERS = ("SOAP", "AdamW")
+OPTIMIZERS = (*names(), "AdamW")
 
 
 class Counter:
@@ -132,9 +135,10 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim >= 2]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if name == "SOAP":
-        return lp.SOAP(groups, lr=3e-3, precondition_frequency=10)
-    return torch.optim.AdamW(groups, lr=3e-3)
+    if name == "AdamW":
+        return torch.optim.AdamW(groups, lr=3e-3)
+    entry = ALGORITHMS[name]
+    return entry.optimizer(groups, lr=3e-3, **({"precondition_frequency": 10} if entry.has_basis else {}))
 
 
 def _count_step(opt: torch.optim.Optimizer) -> list[tuple[float, float]]:
@@ -241,7 +245,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     torch.save(results, Path(out) / f"bench{rank}.pt")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
@@ -251,7 +255,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--out", default="runs/zero_vs_ddp")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:

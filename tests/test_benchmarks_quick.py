@@ -67,7 +67,7 @@ def test_json_has_every_optimizer(quick_run):
             assert entry["raw_step_seconds"]
     runs = report["refresh"]["runs"]
     assert {(r["optimizer"], r["refresh"]) for r in runs} == {("AdamW", "-")} | {
-        (name, mode) for name in bench.PRECONDITIONED for mode in ("periodic", "adaptive")
+        (name, mode) for name in bench.WITH_BASIS for mode in ("periodic", "adaptive")
     }
     for run in runs:
         if run["optimizer"] != "AdamW":
