@@ -31,9 +31,12 @@ the gradients' scale. Weight decay is 0 for all. Replacing the periodic basis re
 (every 10 steps) by ``--adaptive-refresh 0.1`` or ``0.2`` (AdaptiveEigenbasisRefresh)
 changed the final losses by less than 0.01 and the wall-clock time not at all (refreshes
 take well under 1% of the run here; the per-step statistics dominate), so the demo keeps
-each optimizer's own schedule. The other optimizers (``shampoo``, ``klsoap``,
-``ecshampoo``) can be run with ``--optimizers`` but were not tuned; ``--lr NAME=VALUE``
-overrides any learning rate.
+each optimizer's own schedule. Every other optimizer of the registry
+(``lightning_precond.registry``: ``shampoo``, ``klsoap``, ``ecshampoo``, and any registered
+later) can be run with ``--optimizers`` but was not tuned: those listed in ``LEARNING_RATES``
+run at the rate given there, any other at its constructor's default; ``--lr NAME=VALUE``
+overrides any learning rate. The staleness monitor (and ``--adaptive-refresh``) applies to the
+optimizers with eigenbases.
 
 The eval set is the first 8 x 64 windows of 64 characters (32,768 characters) of the
 held-out text, identical for every optimizer and every eval. The wall-clock column times
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import logging
 import math
 import sys
@@ -65,12 +69,17 @@ import torch
 from data import DataError
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
-from lightning_gpt import OPTIMIZERS, CharCorpus, CharGPTModule, ShakespeareDataModule
+from lightning_gpt import OPTIMIZERS, REGISTRY_NAMES, CharCorpus, CharGPTModule, ShakespeareDataModule
 
 from lightning_precond.callbacks import AdaptiveEigenbasisRefresh, EigenStalenessMonitor
+from lightning_precond.registry import ALGORITHMS
 
+#: What ``make demo`` trains: the three compared (and tuned) in the module docstring.
 DEFAULT_OPTIMIZERS = ("adamw", "soap", "klshampoo")
-#: Peak learning rates (see the module docstring for how the tuned ones were chosen).
+#: Every choice of ``--optimizers``: AdamW and every registered algorithm (by short name).
+CHOICES = tuple(OPTIMIZERS)
+#: Peak learning rates (see the module docstring for how the tuned ones were chosen); an
+#: optimizer not listed runs at its constructor's default (:func:`learning_rate`).
 LEARNING_RATES = {
     "adamw": 6e-3,
     "soap": 1e-2,
@@ -100,7 +109,36 @@ COLORS = {
     "klsoap": "tab:purple",
     "ecshampoo": "tab:orange",
 }
+# Colours for optimizers without one above, in order of first use.
+_SPARE_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
 STALENESS_KEY = "precond/staleness_mean"
+
+
+def label(name: str) -> str:
+    """The table's and the plot's name of optimizer ``name`` (the registry's, if not in LABELS)."""
+    return LABELS.get(name) or REGISTRY_NAMES[name]
+
+
+def color(name: str) -> str:
+    if name in COLORS:
+        return COLORS[name]
+    spare = [n for n in CHOICES if n not in COLORS]
+    return _SPARE_COLORS[spare.index(name) % len(_SPARE_COLORS)]
+
+
+def has_basis(name: str) -> bool:
+    """Whether ``name`` keeps eigenbases (the staleness monitor and adaptive refresh apply)."""
+    return name in REGISTRY_NAMES and ALGORITHMS[REGISTRY_NAMES[name]].has_basis
+
+
+def learning_rate(name: str) -> float:
+    """The demo's peak learning rate for ``name``: LEARNING_RATES, else the constructor's default."""
+    if name in LEARNING_RATES:
+        return LEARNING_RATES[name]
+    default = inspect.signature(OPTIMIZERS[name]).parameters["lr"].default
+    if not isinstance(default, float):
+        raise ValueError(f"{name}: no learning rate in LEARNING_RATES and no default; pass --lr {name}=VALUE")
+    return default
 
 
 @dataclass(frozen=True)
@@ -147,8 +185,8 @@ class RunResult:
 # --------------------------------------------------------------------------- arguments
 def _lr_override(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
-    if not sep or name not in OPTIMIZERS:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {', '.join(OPTIMIZERS)}, got {text!r}")
+    if not sep or name not in CHOICES:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {', '.join(CHOICES)}, got {text!r}")
     try:
         lr = float(value)
     except ValueError:
@@ -160,10 +198,10 @@ def _lr_override(text: str) -> tuple[str, float]:
 
 def _optimizer_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in OPTIMIZERS]
+    unknown = [n for n in names if n not in CHOICES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(OPTIMIZERS)}"
+            f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CHOICES)}"
         )
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"optimizer listed twice in {text!r}")
@@ -186,7 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model and a few steps (for tests)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     parser.add_argument("--optimizers", type=_optimizer_list, default=DEFAULT_OPTIMIZERS,
-                        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default {','.join(DEFAULT_OPTIMIZERS)})")
+                        help=f"comma-separated, from {', '.join(CHOICES)} (default {','.join(DEFAULT_OPTIMIZERS)})")
     parser.add_argument("--lr", type=_lr_override, action="append", default=[], metavar="NAME=VALUE",
                         help="override an optimizer's peak learning rate (repeatable)")
     parser.add_argument("--adaptive-refresh", type=float, default=None, metavar="TOL",
@@ -238,7 +276,7 @@ def train_one(name: str, lr: float, cfg: RunConfig, corpus: CharCorpus, out: Pat
         warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, init_seed=cfg.seed,
     )
     callbacks = []
-    if name != "adamw":
+    if has_basis(name):
         callbacks.append(EigenStalenessMonitor(log_every_n_steps=cfg.staleness_every, per_layer=False))
         if cfg.adaptive_tolerance is not None:
             callbacks.append(AdaptiveEigenbasisRefresh(tolerance=cfg.adaptive_tolerance,
@@ -257,7 +295,7 @@ def train_one(name: str, lr: float, cfg: RunConfig, corpus: CharCorpus, out: Pat
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.train_log_every,
     )
-    print(f"\n=== {LABELS[name]} (lr {lr:g}) ===", flush=True)
+    print(f"\n=== {label(name)} (lr {lr:g}) ===", flush=True)
     # Eval loss of the initial weights (step 0), so every curve starts from the same point.
     trainer.validate(module, datamodule=datamodule, verbose=False)
     started = time.perf_counter()
@@ -301,18 +339,19 @@ def plot(results: Sequence[RunResult], cfg: RunConfig, path: Path) -> None:
     eval_series: list[list[tuple[int, float]]] = []
     for r in results:
         series = read_metrics(r.log_dir / "metrics.csv")
-        color, label = COLORS[r.optimizer], f"{LABELS[r.optimizer]} (lr {r.lr:g})"
+        line_color, line_label = color(r.optimizer), f"{label(r.optimizer)} (lr {r.lr:g})"
         train = series.get("train_loss", [])
         if train:
-            ax_loss.plot(*zip(*train), color=color, alpha=0.25, linewidth=0.8)
+            ax_loss.plot(*zip(*train), color=line_color, alpha=0.25, linewidth=0.8)
         evals = series.get("eval_loss", [])
         eval_series.append(evals)
         if evals:
-            ax_loss.plot(*zip(*evals), color=color, marker="o", markersize=3.5, linewidth=1.8, label=label)
+            ax_loss.plot(*zip(*evals), color=line_color, marker="o", markersize=3.5, linewidth=1.8,
+                         label=line_label)
         stale = series.get(STALENESS_KEY, [])
         if stale:
             any_staleness = True
-            ax_stale.plot(*zip(*stale), color=color, linewidth=1.2, label=LABELS[r.optimizer])
+            ax_stale.plot(*zip(*stale), color=line_color, linewidth=1.2, label=label(r.optimizer))
     ax_loss.set_title("(a) held-out eval loss (faint: train loss)", fontsize=11)
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy (nats / character)")
@@ -340,7 +379,7 @@ def plot(results: Sequence[RunResult], cfg: RunConfig, path: Path) -> None:
         ax_stale.set_ylim(bottom=0.0)
         ax_stale.legend()
     else:
-        ax_stale.text(0.5, 0.5, "no preconditioned optimizer in this run", ha="center", va="center",
+        ax_stale.text(0.5, 0.5, "no optimizer with eigenbases in this run", ha="center", va="center",
                       transform=ax_stale.transAxes)
     fig.suptitle(
         f"CharGPT ({cfg.n_layer} layer{'s' if cfg.n_layer != 1 else ''}, width {cfg.n_embd}) on Shakespeare, "
@@ -354,7 +393,7 @@ def plot(results: Sequence[RunResult], cfg: RunConfig, path: Path) -> None:
 
 def format_table(results: Sequence[RunResult]) -> str:
     header = ("optimizer", "lr", "final eval loss", "wall-clock s", "steps")
-    rows = [(LABELS[r.optimizer], f"{r.lr:g}", f"{r.final_eval_loss:.4f}", f"{r.seconds:.1f}", str(r.steps))
+    rows = [(label(r.optimizer), f"{r.lr:g}", f"{r.final_eval_loss:.4f}", f"{r.seconds:.1f}", str(r.steps))
             for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = [header, tuple("-" * w for w in widths), *rows]
@@ -377,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps, warmup_steps=min(cfg.warmup_steps, args.steps // 10),
                       eval_every=max(1, min(cfg.eval_every, args.steps // 4)))
-    lrs = {**LEARNING_RATES, **dict(args.lr)}
+    overrides = dict(args.lr)
     _quiet_lightning()
 
     try:
@@ -396,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        results = [train_one(name, lrs[name], cfg, corpus, args.out) for name in args.optimizers]
+        results = [train_one(name, overrides[name] if name in overrides else learning_rate(name), cfg, corpus,
+                             args.out) for name in args.optimizers]
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -4,9 +4,10 @@
   the held-out last 5%), shared by every run of the demo so the text is read and encoded once.
 * :class:`ShakespeareDataModule` -- seeded random training windows (the same batches in the
   same order for every run with the same ``seed``) and a fixed list of held-out eval batches.
-* :class:`CharGPTModule` -- :class:`CharGPT` plus the optimizer chosen by name (``adamw``,
-  ``soap``, ``shampoo``, ``klshampoo``, ``klsoap``, ``ecshampoo``), a linear warm-up and a
-  cosine decay; logs ``train_loss`` and ``eval_loss``.
+* :class:`CharGPTModule` -- :class:`CharGPT` plus the optimizer chosen by name (``adamw``, or
+  one of the registry's algorithms by its short name: ``soap``, ``shampoo``, ``klshampoo``,
+  ``klsoap``, ``ecshampoo``, ...), a linear warm-up and a cosine decay; logs ``train_loss``
+  and ``eval_loss``.
 
 Importable as ``examples.lightning_gpt`` (repo root on ``sys.path``, as in the tests) and as
 ``lightning_gpt`` (``python examples/demo.py`` puts ``examples/`` on the path).
@@ -45,24 +46,27 @@ except ImportError:  # imported as a top-level module with examples/ on sys.path
     )
     from models import CharGPT
 
-from lightning_precond import (
-    KLSOAP,
-    SOAP,
-    EigenvalueCorrectedShampoo,
-    KLShampoo,
-    Shampoo,
-)
+from lightning_precond.registry import ALGORITHMS
 
-__all__ = ["OPTIMIZERS", "CharCorpus", "CharGPTModule", "ShakespeareDataModule", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "REGISTRY_NAMES", "CharCorpus", "CharGPTModule", "ShakespeareDataModule",
+           "build_optimizer", "short_name"]
 
-#: Optimizer names accepted by :class:`CharGPTModule` (``adamw`` is ``torch.optim.AdamW``).
+# Short names that are not simply the registry name in lower case.
+_SHORT_NAMES = {"EigenvalueCorrectedShampoo": "ecshampoo"}
+
+
+def short_name(registry_name: str) -> str:
+    """The name :class:`CharGPTModule` knows a registered algorithm by (``"SOAP"`` -> ``"soap"``)."""
+    return _SHORT_NAMES.get(registry_name, registry_name.lower())
+
+
+#: Short name -> registry name (lightning_precond/registry.py), for every registered algorithm.
+REGISTRY_NAMES: dict[str, str] = {short_name(name): name for name in ALGORITHMS}
+#: Optimizer names accepted by :class:`CharGPTModule`: ``adamw`` (``torch.optim.AdamW``) and
+#: every registered algorithm.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
-    "soap": SOAP,
-    "shampoo": Shampoo,
-    "klshampoo": KLShampoo,
-    "klsoap": KLSOAP,
-    "ecshampoo": EigenvalueCorrectedShampoo,
+    **{short: ALGORITHMS[name].optimizer for short, name in REGISTRY_NAMES.items()},
 }
 
 
