@@ -361,7 +361,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         all_usable = True
         if len(parts) == 4:
             agreed = flags[2 * n + k :]
-            all_usable = agreed[0] > 0
+            all_usable = min(agreed) > 0  # every rank's blocks, every vector anywhere
             vectors_finite = [agreed[1 + v.param_index] > 0 for v in vectors]
         if self.options.nonfinite_grad == "raise" and not (all_usable and all(vectors_finite)):
             blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
