@@ -1,5 +1,5 @@
-"""Accelerate + DeepSpeed ZeRO-2, 2 CPU processes: SOAP trains and PreconditionerHooks
-reports staleness metrics through the Accelerate/DeepSpeed wrappers.
+"""Accelerate + DeepSpeed ZeRO-2, 2 CPU processes: an algorithm with eigenbases trains and
+PreconditionerHooks reports staleness metrics through the Accelerate/DeepSpeed wrappers.
 
 Launched as ``accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file
 integration_tests/ds_zero2.json``; needs ``transformers`` installed (without it Accelerate
@@ -16,19 +16,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
 SCRIPT = HERE / "scripts" / "accelerate_deepspeed.py"
 CONFIG = HERE / "ds_zero2.json"
 STEPS = 10
+# Registry names with eigenbases (the metrics are theirs). A subset: every algorithm is its own
+# Accelerate+DeepSpeed launch (slow to start); all of them run under ZeRO-2 in test_deepspeed.
+ALGORITHMS = ("SOAP",)
 
 
-def test_accelerate_deepspeed_zero2_staleness_metrics(tmp_path):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_accelerate_deepspeed_zero2_staleness_metrics(algorithm, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     assert accelerate.exists(), f"no accelerate next to {sys.executable}"
     command = [str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no",
                "--use_deepspeed", "--deepspeed_config_file", str(CONFIG),
-               str(SCRIPT), "--out", str(tmp_path), "--steps", str(STEPS)]
+               str(SCRIPT), "--out", str(tmp_path), "--steps", str(STEPS), "--algorithm", algorithm]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False,
                             cwd=HERE.parent)

@@ -1,9 +1,10 @@
-"""Accelerate + DeepSpeed ZeRO-2 with 2 CPU processes training with SOAP, with
+"""Accelerate + DeepSpeed ZeRO-2 with 2 CPU processes training with one of our algorithms
+(default SOAP; one with eigenbases), with
 :class:`lightning_precond.accelerate.PreconditionerHooks` collecting staleness metrics.
 
     accelerate launch --num_processes 2 --use_deepspeed \
         --deepspeed_config_file integration_tests/ds_zero2.json \
-        integration_tests/scripts/accelerate_deepspeed.py --out DIR [--steps 10]
+        integration_tests/scripts/accelerate_deepspeed.py --out DIR [--steps 10] [--algorithm SOAP]
 
 Needs ``transformers`` installed (else Accelerate does not run DeepSpeed on CPU).
 Writes DIR/result.json on the main process: world size, distributed type, the metrics of
@@ -25,22 +26,23 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-import lightning_precond as lp
 from integration_tests.test_ddp import BATCH, batch, make_model
 from lightning_precond.accelerate import PreconditionerHooks
+from lightning_precond import registry
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--algorithm", default="SOAP", choices=registry.names(has_basis=True))
     args = parser.parse_args()
     torch.set_num_threads(1)
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     out = Path(args.out)
     model = make_model()
     names = dict(model.named_parameters())  # before DeepSpeed wraps the module
-    optimizer = lp.SOAP(model.parameters(), lr=3e-3, precondition_frequency=5)
+    optimizer = registry.ALGORITHMS[args.algorithm].build(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0

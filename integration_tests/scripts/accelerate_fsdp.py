@@ -6,10 +6,10 @@ optimizer-state API plus ``torch.distributed.checkpoint`` for sharded state dict
 
     torchrun --nproc-per-node 2 integration_tests/scripts/accelerate_fsdp.py --out DIR \
         [--fsdp-version 1|2] [--state-dict-type SHARDED_STATE_DICT|FULL_STATE_DICT] \
-        [--algorithm SOAP|KLShampoo|AdamW] [--steps 20] [--save-at 10] [--resume DIR/state] \
+        [--algorithm SOAP|KLShampoo|...|AdamW] [--steps 20] [--save-at 10] [--resume DIR/state] \
         [--prime] [--optim-all-ranks] [--no-device-placement]
 Writes DIR/params.pt (the full model state dict, gathered by ``accelerator.get_state_dict``),
-DIR/info.json (with, for preconditioned optimizers, the ``PreconditionerHooks`` staleness
+DIR/info.json (with, for algorithms with eigenbases, the ``PreconditionerHooks`` staleness
 metrics every 5 steps; the hooks are registered for checkpointing) and, after ``--resume``,
 DIR/loaded_rank{r}.json (the state entries each rank holds after ``load_state``).
 
@@ -89,17 +89,21 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
-import lightning_precond as lp
 from integration_tests.test_ddp import BATCH, batch
 from integration_tests.test_fsdp import make_model
 from lightning_precond.accelerate import PreconditionerHooks
+from lightning_precond.registry import ALGORITHMS as REGISTERED
+from lightning_precond.registry import names
 
-ALGORITHMS = {
-    "SOAP": lambda ps, **kw: lp.SOAP(ps, lr=3e-3, precondition_frequency=5, **kw),
-    "KLShampoo": lambda ps, **kw: lp.KLShampoo(ps, lr=3e-3, precondition_frequency=5, **kw),
-    # the harness check: a plain torch optimizer through the same path
-    "AdamW": lambda ps, **kw: torch.optim.AdamW(ps, lr=3e-3),
-}
+# Every registered algorithm (its short-run settings), and AdamW: the harness check, a plain
+# torch optimizer through the same path.
+ALGORITHMS = [*names(), "AdamW"]
+
+
+def build(algorithm: str, params, **kwargs) -> torch.optim.Optimizer:
+    if algorithm == "AdamW":
+        return torch.optim.AdamW(params, lr=3e-3)
+    return REGISTERED[algorithm].build(params, **kwargs)
 
 
 def force_fsdp(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
@@ -159,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--algorithm", default="SOAP", choices=list(ALGORITHMS))
+    parser.add_argument("--algorithm", default="SOAP", choices=ALGORITHMS)
     parser.add_argument("--fsdp-version", type=int, default=1, choices=[1, 2])
     parser.add_argument("--state-dict-type", default="SHARDED_STATE_DICT",
                         choices=["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
@@ -200,15 +204,14 @@ def main() -> None:
         keep_cpu_flat_params_alive()
 
     model = make_model()
-    build = ALGORITHMS[args.algorithm]
     if args.fsdp_version == 1:
         # FSDP1: our optimizer needs the wrapped module (its FlatParameter layout)
         model = accelerator.prepare(model)
-        optimizer = accelerator.prepare(build(model.parameters(), distributed=model))
+        optimizer = accelerator.prepare(build(args.algorithm, model.parameters(), distributed=model))
     else:
         # FSDP2: Accelerate shards the model and swaps the optimizer's parameters for the
         # DTensors; distributed="auto" detects them at the first step
-        model, optimizer = accelerator.prepare(model, build(model.parameters()))
+        model, optimizer = accelerator.prepare(model, build(args.algorithm, model.parameters()))
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -216,7 +219,7 @@ def main() -> None:
     assert wrapped, type(model)
 
     hooks = None
-    if args.algorithm != "AdamW":
+    if args.algorithm != "AdamW" and REGISTERED[args.algorithm].has_basis:
         hooks = PreconditionerHooks(optimizer, monitor_every=5, per_layer=False)
         accelerator.register_for_checkpointing(hooks)
 
