@@ -59,7 +59,8 @@ def _deepspeed_env(rank: int, world: int) -> None:
     deepspeed.init_distributed("gloo")  # reuses the gloo group launch() created
 
 
-def _initialize(stage: int, name: str, seed: int = 0, zero_init: bool = False, **zero):
+def _initialize(stage: int, name: str, seed: int = 0, zero_init: bool = False,
+                optimizer_options: dict | None = None, **zero):
     import deepspeed
 
     if zero_init:  # ZeRO-3 partitions the parameters before the optimizer is built
@@ -67,7 +68,7 @@ def _initialize(stage: int, name: str, seed: int = 0, zero_init: bool = False, *
             model = make_model()
     else:
         model = make_model() if seed == 0 else _reseeded(seed)
-    opt = ALGORITHMS[name].build(param_groups(model))
+    opt = ALGORITHMS[name].build(param_groups(model), **(optimizer_options or {}))
     # Exactly how Lightning's DeepSpeedStrategy and Accelerate call it.
     engine, wrapper, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, **zero))
     return model, opt, engine, wrapper
