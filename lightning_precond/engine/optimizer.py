@@ -13,7 +13,6 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,27 +27,10 @@ from . import checkpoint
 from .buckets import Bucket, selected
 from .refresh import RefreshedFactor, RefreshPolicy
 from .stats import FactorStats, factor_stats, stats_order
+from .screen import VectorWork, screen
 from .vectors import adamw_step, fragment_state, zero_adamw_state
 
 __all__ = ["PreconditionedOptimizer"]
-
-
-@dataclass
-class VectorWork:
-    """A vector (or unblocked parameter) this rank steps: the whole local tensor, or a flat
-    fragment starting at ``flat_start`` (DeepSpeed ZeRO)."""
-
-    param_index: int
-    group_index: int
-    value: Tensor
-    grad: Tensor
-    flat_start: int | None
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """A DTensor's local shard (reductions on it then need no collective), else the tensor."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -323,56 +305,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def _screen(
         self, work: list[tuple[Bucket, list[int], Tensor]], vectors: list[VectorWork]
     ) -> tuple[list[bool], list[bool], list[bool]]:
-        """Whether each block's gradient is usable (finite, and small enough that no statistic
-        can overflow), whether it is not all zeros, and whether each vector's gradient is
-        finite: one host sync per step for all of them; ranks agree through one small
-        all-reduce where they must (``nonfinite_grad="raise"``, or vectors sharded across ranks).
-
-        A block whose gradient is all zeros is treated as having no gradient: it carries
-        nothing to learn from and would give SOAP a basis of zeros (Lightning's and DCP's
-        zero-gradient, lr-0 initialization step; ZeRO's zero gradients for unused parameters).
-        """
         assert self._router is not None and self._plan is not None
-        headroom = self.algorithm.gradient_headroom
-        usable_parts, nonzero_parts = [], []
-        for _, _, g in work:
-            flat = g.flatten(1)
-            usable_parts.append(torch.isfinite(flat).all(dim=1) & torch.isfinite(flat.square().sum(dim=1) * headroom))
-            nonzero_parts.append(flat.ne(0).any(dim=1))
-        device = work[0][2].device if work else (vectors[0].grad.device if vectors else torch.device("cpu"))
-        usable = torch.cat(usable_parts).float() if work else torch.zeros(0, device=device)
-        nonzero = torch.cat(nonzero_parts).float() if work else torch.zeros(0, device=device)
-        vector_ok = torch.stack([torch.isfinite(_local(v.grad)).all() for v in vectors]).float() if vectors \
-            else torch.zeros(0, device=device)
-        parts = [usable, nonzero, vector_ok]
-        if self.options.nonfinite_grad == "raise" or (self._router.vectors_sharded and self._router.world_size > 1):
-            # Every rank's verdict: [all blocks usable, then per parameter: its vector pieces here finite].
-            verdict = torch.ones(len(self._plan.matrix_shapes) + 1, device=device)
-            verdict[0] = usable.min() if usable.numel() else 1.0
-            if vectors:
-                index = torch.tensor([1 + v.param_index for v in vectors], device=device)
-                verdict.scatter_reduce_(0, index, vector_ok, reduce="amin")
-            parts.append(self._router.all_ranks_min(verdict))
-        flags = torch.cat(parts).tolist()  # the one host sync
-        n, k = usable.numel(), vector_ok.numel()
-        finite = [f > 0 for f in flags[:n]]
-        used = [f > 0 for f in flags[n : 2 * n]]
-        vectors_finite = [f > 0 for f in flags[2 * n : 2 * n + k]]
-        all_usable = True
-        if len(parts) == 4:
-            agreed = flags[2 * n + k :]
-            all_usable = min(agreed) > 0  # every rank's blocks, every vector anywhere
-            vectors_finite = [agreed[1 + v.param_index] > 0 for v in vectors]
-        if self.options.nonfinite_grad == "raise" and not (all_usable and all(vectors_finite)):
-            blocks = [bucket.blocks[i] for bucket, present, _ in work for i in present]
-            bad = [f"{self._name_of_index(b.param_index)} block {b.id}" for b, ok in zip(blocks, finite) if not ok]
-            bad += [self._name_of_index(v.param_index) for v, ok in zip(vectors, vectors_finite) if not ok]
-            names = ", ".join(bad[:5]) or "a block or vector held by another rank"
-            raise FloatingPointError(
-                f"non-finite (or overflowing) gradient in {names} (nonfinite_grad='raise'); "
-                "use nonfinite_grad='skip' to skip such blocks and vectors instead"
-            )
-        return finite, used, vectors_finite
+        return screen(work, vectors, self.algorithm.gradient_headroom, self.options.nonfinite_grad, self._router,
+                      len(self._plan.matrix_shapes), self._name_of_index)
 
     def _step_blocks(self, work: list[tuple[Bucket, list[int], Tensor]], finite: list[bool], used: list[bool],
                      configs: list[GroupConfig]) -> None:
