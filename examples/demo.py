@@ -23,9 +23,11 @@ seed, on this 2-core machine), keeping each optimizer's lowest final eval loss:
   2e-2 -> 1.81.
 * KL-Shampoo, shampoo_beta 0.98 (its default): 1e-3 -> 2.51, 3e-3 -> 2.40, 1e-2 -> 2.34,
   3e-2 -> 2.25; shampoo_beta 0.95: **1e-2 -> 1.96**, 3e-2 -> 1.97.
+* Muon, its defaults (update RMS matched to AdamW's, every matrix orthogonalized, vectors on
+  AdamW at the same lr): 1e-3 -> 2.65, 3e-3 -> 2.04, **1e-2 -> 1.81**, 3e-2 -> 1.83.
 
-So AdamW runs with lr 6e-3 and betas (0.9, 0.95) (the usual GPT setting), SOAP with 1e-2,
-and KL-Shampoo with 1e-2 and ``shampoo_beta=0.95`` -- the factor EMA SOAP uses by default;
+So AdamW runs with lr 6e-3 and betas (0.9, 0.95) (the usual GPT setting), SOAP and Muon with
+1e-2, and KL-Shampoo with 1e-2 and ``shampoo_beta=0.95`` -- the factor EMA SOAP uses by default;
 with 0.98 its eigenvalue estimates, which start at 0.1, need much of a 300-step run to reach
 the gradients' scale. Weight decay is 0 for all. Replacing the periodic basis refresh
 (every 10 steps) by ``--adaptive-refresh 0.1`` or ``0.2`` (AdaptiveEigenbasisRefresh)
@@ -74,8 +76,8 @@ from lightning_gpt import OPTIMIZERS, REGISTRY_NAMES, CharCorpus, CharGPTModule,
 from lightning_precond.callbacks import AdaptiveEigenbasisRefresh, EigenStalenessMonitor
 from lightning_precond.registry import ALGORITHMS
 
-#: What ``make demo`` trains: the three compared (and tuned) in the module docstring.
-DEFAULT_OPTIMIZERS = ("adamw", "soap", "klshampoo")
+#: What ``make demo`` trains: the four compared (and tuned) in the module docstring.
+DEFAULT_OPTIMIZERS = ("adamw", "soap", "klshampoo", "muon")
 #: Every choice of ``--optimizers``: AdamW and every registered algorithm (by short name).
 CHOICES = tuple(OPTIMIZERS)
 #: Peak learning rates (see the module docstring for how the tuned ones were chosen); an
@@ -84,6 +86,7 @@ LEARNING_RATES = {
     "adamw": 6e-3,
     "soap": 1e-2,
     "klshampoo": 1e-2,
+    "muon": 1e-2,
     "shampoo": 3e-3,
     "klsoap": 3e-3,
     "ecshampoo": 1e-3,
@@ -100,6 +103,7 @@ LABELS = {
     "shampoo": "Shampoo",
     "klsoap": "KL-SOAP",
     "ecshampoo": "EC-Shampoo",
+    "muon": "Muon",
 }
 COLORS = {
     "adamw": "tab:gray",
@@ -108,9 +112,10 @@ COLORS = {
     "shampoo": "tab:green",
     "klsoap": "tab:purple",
     "ecshampoo": "tab:orange",
+    "muon": "tab:cyan",
 }
 # Colours for optimizers without one above, in order of first use.
-_SPARE_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
+_SPARE_COLORS = ("tab:brown", "tab:pink", "tab:olive", "black")
 STALENESS_KEY = "precond/staleness_mean"
 
 
@@ -217,7 +222,7 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train a character-level GPT on Shakespeare with AdamW, SOAP and KL-Shampoo.",
+        description="Train a character-level GPT on Shakespeare with AdamW, SOAP, KL-Shampoo and Muon.",
     )
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help=f"optimizer steps per run (default {FULL.steps}, or {QUICK.steps} with --quick)")
