@@ -151,7 +151,8 @@ class Muon(PreconditionedOptimizer):
     """
 
     def __init__(self, params: Params, lr: float = 1e-3, *, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.01, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32,
+                 weight_decay: float = 0.01, ns_steps: int = 5,
+                 ns_dtype: Literal["float32", "float64", "bfloat16", "float16"] | torch.dtype = "float32",
                  update_scale: Literal["rms", "shape"] = "rms", betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, **options: Unpack[EngineOptionsDict]) -> None:
         config = MuonConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,

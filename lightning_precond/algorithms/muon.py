@@ -27,7 +27,7 @@ from .base import Direction, GroupConfig, StepContext, check_beta, check_betas, 
 __all__ = ["MuonConfig", "MuonState", "Orthogonalized", "newton_schulz", "UPDATE_SCALES", "NS_DTYPES"]
 
 UPDATE_SCALES = ("rms", "shape")
-NS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+NS_DTYPES = ("float32", "float64", "bfloat16", "float16")
 # The quintic's coefficients (Jordan's muon.py): steep near 0, singular values end in ~[0.7, 1.2].
 _QUINTIC = (3.4445, -4.7750, 2.0315)
 
@@ -55,7 +55,9 @@ class MuonConfig(GroupConfig):
     momentum: float
     nesterov: bool
     ns_steps: int
-    ns_dtype: torch.dtype
+    # A dtype name (param groups hold plain values: torch.distributed.checkpoint refuses a
+    # torch.dtype in them); a torch.dtype is accepted and stored by name.
+    ns_dtype: str
     update_scale: Literal["rms", "shape"]
     betas: tuple[float, float]  # the vectors' AdamW
     eps: float
@@ -66,8 +68,10 @@ class MuonConfig(GroupConfig):
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov must be a bool, got {self.nesterov!r}")
         check_positive_int(self.ns_steps, "ns_steps")
+        if isinstance(self.ns_dtype, torch.dtype):
+            object.__setattr__(self, "ns_dtype", str(self.ns_dtype).removeprefix("torch."))
         if self.ns_dtype not in NS_DTYPES:
-            raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {self.ns_dtype!r}")
+            raise ValueError(f"ns_dtype must be one of {NS_DTYPES} (or the torch dtype), got {self.ns_dtype!r}")
         if self.update_scale not in UPDATE_SCALES:
             raise ValueError(f"update_scale must be one of {UPDATE_SCALES}, got {self.update_scale!r}")
         check_betas(self.betas)
@@ -75,6 +79,10 @@ class MuonConfig(GroupConfig):
 
     def vector_adamw(self) -> tuple[float, float, float]:
         return float(self.betas[0]), float(self.betas[1]), float(self.eps)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.ns_dtype)
 
     def scale(self, m: int, n: int) -> float:
         if self.update_scale == "rms":
@@ -112,7 +120,7 @@ class Orthogonalized:
         buffer = state.momentum_buffer.lerp_(grads, 1.0 - mu)
         x = grads.lerp(buffer, mu) if config.nesterov else buffer
         m, n = grads.shape[-2], grads.shape[-1]
-        return Direction(newton_schulz(x, config.ns_steps, config.ns_dtype), config.lr * config.scale(m, n))
+        return Direction(newton_schulz(x, config.ns_steps, config.compute_dtype), config.lr * config.scale(m, n))
 
     def refresh_start(self, config: Any) -> int:
         return 0
