@@ -109,16 +109,14 @@ def test_refresh_eigenbasis_selects_stale_factors_and_named_blocks(name):
     assert all(s.staleness <= 0.01 for s in opt.preconditioner_stats())
 
 
-# Measured when the test first ran for every algorithm: at tolerance 0.1 adaptive refresh
-# costs EC-Shampoo about 4% of final loss here (0.306 vs 0.293, 42 refreshes instead of 160;
-# its eigenvalues are EMAs taken in the basis), more than the 1% bound.
-ADAPTIVE_COSTS_MORE = {"EigenvalueCorrectedShampoo": "adaptive refresh at tolerance 0.1 costs EC-Shampoo ~4% loss"}
+# The loss the adaptive refresh may cost, as a ratio to the periodic run's final loss: 1%,
+# except EC-Shampoo, measured at about 4% here (0.306 vs 0.293 with 42 refreshes instead of
+# 160: its second moment is an EMA taken in the basis, which a skipped refresh leaves
+# stale). Its bound states that known cost, so the test still fails if it grows.
+ADAPTIVE_LOSS_BOUND = {"EigenvalueCorrectedShampoo": 1.06}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=ADAPTIVE_COSTS_MORE[n])) if n in ADAPTIVE_COSTS_MORE else n
-    for n in WITH_BASIS
-])
+@pytest.mark.parametrize("name", WITH_BASIS)
 def test_adaptive_refresh_uses_fewer_refreshes_at_the_same_loss(name):
     cls = ALGORITHMS[name].optimizer
     model_fixed, x, y = model_and_data()
@@ -132,9 +130,9 @@ def test_adaptive_refresh_uses_fewer_refreshes_at_the_same_loss(name):
 
     count = lambda opt: sum(s.refresh_count for s in opt.preconditioner_stats())  # noqa: E731
     assert count(adaptive) < count(fixed)
-    # "Within 1%" as a bound on what skipping refreshes may cost: the adaptive run must not
-    # end more than 1% worse (here it ends about 1% better: QR-refreshed bases are fresher).
-    assert loss_adaptive <= 1.01 * loss_fixed
+    # A bound on what skipping refreshes may cost: the adaptive run must not end more than 1%
+    # worse (SOAP ends about 1% better here: QR-refreshed bases are fresher).
+    assert loss_adaptive <= ADAPTIVE_LOSS_BOUND.get(name, 1.01) * loss_fixed
 
 
 @pytest.mark.parametrize(
