@@ -169,15 +169,19 @@ def _checkpoint(name: str, **options) -> dict:
     return copy.deepcopy(opt.state_dict())
 
 
+def assert_load_refused(name: str, saved: dict, match: str) -> None:
+    """Loading ``saved`` into a trained ``name`` raises ValueError(match) and changes nothing."""
+    net, opt = warmed_up(name)
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert_same(snapshot(net, opt), before)
+
+
 @pytest.mark.parametrize("saved_by, loaded_by", [("SOAP", "KLShampoo"), ("SOAP", "KLSOAP"), ("KLShampoo", "SOAP"),
                                                  ("Shampoo", "SOAP"), ("SOAP", "Muon")])
 def test_a_checkpoint_of_another_algorithm_is_refused_naming_both(saved_by, loaded_by):
-    saved = _checkpoint(saved_by)
-    net, opt = warmed_up(loaded_by)
-    before = snapshot(net, opt)
-    with pytest.raises(ValueError, match=f"written by {saved_by}.*is {loaded_by}"):
-        opt.load_state_dict(saved)
-    assert_same(snapshot(net, opt), before)
+    assert_load_refused(loaded_by, _checkpoint(saved_by), f"written by {saved_by}.*is {loaded_by}")
 
 
 def test_an_untagged_v0_checkpoint_of_another_algorithm_is_refused_by_its_state():
@@ -185,11 +189,7 @@ def test_an_untagged_v0_checkpoint_of_another_algorithm_is_refused_by_its_state(
     for group in saved["param_groups"]:
         for tag in ("lp_algorithm", "lp_format", "lp_block_plan"):
             group.pop(tag)
-    net, opt = warmed_up("KLShampoo")
-    before = snapshot(net, opt)
-    with pytest.raises(ValueError, match="exp_avg_sq.*another algorithm"):
-        opt.load_state_dict(saved)
-    assert_same(snapshot(net, opt), before)
+    assert_load_refused("KLShampoo", saved, "exp_avg_sq.*another algorithm")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -198,28 +198,17 @@ def test_a_torch_adamw_checkpoint_is_refused_and_nothing_changes(name):
     adamw = torch.optim.AdamW(twin.parameters())
     gradients(twin, 0)
     adamw.step()
-    net, opt = warmed_up(name)
-    before = snapshot(net, opt)
-    with pytest.raises(ValueError, match="lacks.*not written by this optimizer"):
-        opt.load_state_dict(adamw.state_dict())
-    assert_same(snapshot(net, opt), before)
+    assert_load_refused(name, adamw.state_dict(), "lacks.*not written by this optimizer")
 
 
 def test_another_block_plan_is_refused():
-    saved = _checkpoint("SOAP", max_preconditioner_dim=4)
-    net, opt = warmed_up("SOAP")
-    with pytest.raises(ValueError, match="planned with max_preconditioner_dim=4"):
-        opt.load_state_dict(saved)
+    assert_load_refused("SOAP", _checkpoint("SOAP", max_preconditioner_dim=4), "planned with max_preconditioner_dim=4")
 
 
 def test_vector_state_of_the_wrong_length_is_refused_at_load():
     saved = _checkpoint("SOAP")
     saved["state"][1]["adamw"]["exp_avg"] = torch.zeros(5)
-    net, opt = warmed_up("SOAP")
-    before = snapshot(net, opt)
-    with pytest.raises(ValueError, match="exp_avg.*shape"):
-        opt.load_state_dict(saved)
-    assert_same(snapshot(net, opt), before)
+    assert_load_refused("SOAP", saved, "exp_avg.*shape")
 
 
 @pytest.mark.parametrize("name", NAMES)
