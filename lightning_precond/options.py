@@ -8,6 +8,8 @@ every option with its choices.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -125,9 +127,6 @@ def options_help(**preset_defaults: Any) -> str:
     """The engine options as a docstring section (type with choices, default, one line each),
     appended to every preset's docstring so that ``help(SOAP)`` lists them;
     ``preset_defaults`` are a preset's own defaults (Muon: whole matrices)."""
-    import dataclasses
-    import inspect
-
     defaults = {f.name: f.default for f in dataclasses.fields(EngineOptions)} | preset_defaults
     helps = {}
     for line in (inspect.getdoc(EngineOptionsDict) or "").splitlines():
