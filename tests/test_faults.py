@@ -308,3 +308,16 @@ def test_a_lost_factor_stops_the_run_only_after_the_step_is_whole():
         opt.step()
     assert [[r.step for r in b.records] for b in opt._buckets] == [[s + 1 for s in b] for b in steps_before]
     assert all(not torch.equal(a, b) for a, b in zip(net.parameters(), weights_before))
+
+
+def test_editing_precondition_then_adding_a_group_is_refused_at_the_next_step():
+    """The existing blocks must keep their plan: a group switched to precondition=False after
+    the first step would silently re-map them, so the re-plan refuses."""
+    net, opt = warmed_up("SOAP")
+    opt.param_groups[0]["precondition"] = False
+    opt.add_param_group({"params": [("extra", torch.nn.Parameter(torch.randn(3, 3)))]})
+    gradients(net, 60)
+    before = snapshot(net, opt)
+    with pytest.raises(RuntimeError, match="'precondition' edited after the first step"):
+        opt.step()
+    assert_same(snapshot(net, opt), before)

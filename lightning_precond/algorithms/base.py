@@ -41,9 +41,6 @@ __all__ = [
     "tensor_fields",
 ]
 
-SIDES = ("left", "right")
-
-
 # ---------------------------------------------------------------------------- validation
 def check_nonnegative(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < math.inf:
@@ -130,12 +127,6 @@ def map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         elif isinstance(value, Tensor):
             changes[f.name] = fn(value)
     return dataclasses.replace(state, **changes)
-
-
-def zeros_state(cls: type, shapes: Mapping[str, tuple[int, ...]], k: int, dtype: torch.dtype,
-                device: torch.device) -> Any:
-    """``cls`` with a ``[k, *shape]`` zero tensor for each named field (others keep defaults)."""
-    return cls(**{name: torch.zeros((k, *shape), dtype=dtype, device=device) for name, shape in shapes.items()})
 
 
 # ---------------------------------------------------------------------------- protocol

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from ..algorithms.base import map_state, tensor_fields
+from ..algorithms.statistics import SIDES
 from ..blocks import Block
 
 __all__ = ["Bucket", "BlockRecord", "SideRecord", "selected", "RECORD_FIELDS"]
 
 # The per-side counters saved in checkpoints (``"<side>.<field>"``).
 RECORD_FIELDS = ("refreshes", "last_refresh_step", "failures", "consecutive_failures")
-SIDES = ("left", "right")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .buckets import Bucket, selected
 from .refresh import RefreshedFactor, RefreshPolicy
 from .stats import FactorStats, factor_stats, stats_order
 from .screen import VectorWork, screen
-from .vectors import adamw_step, fragment_state, zero_adamw_state
+from .vectors import adamw_step, zero_adamw_state
 
 __all__ = ["PreconditionedOptimizer"]
 
@@ -177,7 +177,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         )
         keep = self._owners  # blocks planned before a group was added keep their owners
         if plan.blocks[: len(keep)] != self._planned_blocks:
-            raise RuntimeError("internal: re-planning changed the existing blocks")  # pragma: no cover
+            raise RuntimeError(
+                "the blocks of parameters planned before add_param_group changed (was a group's "
+                "'precondition' edited after the first step?); existing blocks must keep their plan"
+            )
         owners = router.setup(params, plan, keep)
         self._planned, self._group_of, self._shapes = planned, group_of, global_shapes
         self._owners, self._planned_blocks = list(owners), plan.blocks
@@ -385,7 +388,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 state = self.state[v.value]
             else:
                 if v.param_index not in self._fragment_state:
-                    self._fragment_state[v.param_index] = (v.flat_start, fragment_state(v.value))
+                    self._fragment_state[v.param_index] = (v.flat_start, zero_adamw_state(v.value))
                 state = self._fragment_state[v.param_index][1]
             by_group.setdefault(v.group_index, []).append((v.value, v.grad, state))
         for group_index, items in by_group.items():

@@ -16,24 +16,15 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-__all__ = ["zero_adamw_state", "adamw_step", "fragment_state"]
+__all__ = ["zero_adamw_state", "adamw_step"]
 
 
 def zero_adamw_state(p: Tensor) -> dict[str, Tensor]:
-    """``torch.optim.AdamW``'s fresh state for ``p``."""
+    """``torch.optim.AdamW``'s fresh state for ``p`` (a parameter, or a ZeRO flat fragment)."""
     return {
         "step": torch.zeros((), dtype=torch.float32),
         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-    }
-
-
-def fragment_state(value: Tensor) -> dict[str, Tensor]:
-    """AdamW state of a flat fragment."""
-    return {
-        "step": torch.zeros((), dtype=torch.float32),
-        "exp_avg": torch.zeros_like(value),
-        "exp_avg_sq": torch.zeros_like(value),
     }
 
 
