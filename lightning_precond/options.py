@@ -15,6 +15,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
+from .algorithms.base import check_positive_int
 from .algorithms.eigenbasis import REFRESH_METHODS
 
 __all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_tolerance", "options_help"]
@@ -61,11 +62,6 @@ def check_tolerance(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     """Optimizer-wide options (see :class:`EngineOptionsDict` for their meaning)."""
@@ -85,11 +81,7 @@ class EngineOptions:
 
     def __post_init__(self) -> None:
         if self.max_preconditioner_dim is not None:
-            if isinstance(self.max_preconditioner_dim, bool) or not isinstance(self.max_preconditioner_dim, int) \
-                    or self.max_preconditioner_dim < 1:
-                raise ValueError(
-                    f"max_preconditioner_dim must be a positive int or None, got {self.max_preconditioner_dim!r}"
-                )
+            check_positive_int(self.max_preconditioner_dim, "max_preconditioner_dim")
         if self.preconditioner_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(
                 "preconditioner_dtype must be None, torch.float32 or torch.float64, "
@@ -100,11 +92,11 @@ class EngineOptions:
         if self.refresh_method is not None and self.refresh_method not in REFRESH_METHODS:
             raise ValueError(f"refresh_method must be one of {REFRESH_METHODS}, got {self.refresh_method!r}")
         check_tolerance(self.refresh_tolerance, "refresh_tolerance")
-        _check_int(self.refresh_check_interval, "refresh_check_interval", 1)
-        _check_int(self.max_qr_iterations, "max_qr_iterations", 1)
+        check_positive_int(self.refresh_check_interval, "refresh_check_interval")
+        check_positive_int(self.max_qr_iterations, "max_qr_iterations")
         if self.nonfinite_grad not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {self.nonfinite_grad!r}")
-        _check_int(self.max_consecutive_failures, "max_consecutive_failures", 1)
+        check_positive_int(self.max_consecutive_failures, "max_consecutive_failures")
         if not isinstance(self.precondition_1d, bool):
             raise ValueError(f"precondition_1d must be a bool, got {self.precondition_1d!r}")
         if self.communication_dtype not in _COMMUNICATION_DTYPES:

@@ -11,7 +11,6 @@ step orders.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -72,8 +71,7 @@ class ShampooConfig(GroupConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_betas(self.betas, second_may_be_one=True)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not self.eps >= 0.0:
-            raise ValueError(f"epsilon must be >= 0, got {self.eps!r}")
+        check_nonnegative(self.eps, "epsilon")
         if self.grafting not in GRAFTING_METHODS:
             raise ValueError(f"grafting must be one of {GRAFTING_METHODS}, got {self.grafting!r}")
         if not 0.0 < self.exponent <= 1.0:
