@@ -15,7 +15,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from .algorithms.base import check_positive_int
+from .algorithms.base import check_nonnegative, check_positive_int
 from .algorithms.eigenbasis import REFRESH_METHODS
 
 __all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_tolerance", "options_help"]
@@ -41,6 +41,7 @@ class EngineOptionsDict(TypedDict, total=False):
         precondition_1d: Precondition vectors as 1 x n matrices instead of AdamW.
         distributed: "auto" (detect the backend), None (each rank alone), a module (FSDP1) or a process group.
         communication_dtype: Dtype of the routing collectives (None: float32, float64 for float64 state).
+        checkpoint_timeout: Seconds a rank waits for the others to join a full state_dict() before raising.
     """
 
     max_preconditioner_dim: int | None
@@ -55,6 +56,7 @@ class EngineOptionsDict(TypedDict, total=False):
     precondition_1d: bool
     distributed: Any
     communication_dtype: torch.dtype | None
+    checkpoint_timeout: float
 
 
 def check_tolerance(value: Any, name: str) -> None:
@@ -78,6 +80,7 @@ class EngineOptions:
     precondition_1d: bool = False
     distributed: Any = "auto"
     communication_dtype: torch.dtype | None = None
+    checkpoint_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_preconditioner_dim is not None:
@@ -104,6 +107,7 @@ class EngineOptions:
                 "communication_dtype must be None or a floating dtype (float32, float64, bfloat16, "
                 f"float16), got {self.communication_dtype}"
             )
+        check_nonnegative(self.checkpoint_timeout, "checkpoint_timeout")
         if isinstance(self.distributed, str) and self.distributed != "auto":
             raise ValueError(
                 f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"
