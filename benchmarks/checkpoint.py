@@ -92,7 +92,7 @@ def _disk(path: Path) -> int:
 
 def _ds_config() -> dict:
     return {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+            "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 0.0}
 
 
 def _build(path: str, layers: int, width: int, world: int):
@@ -163,6 +163,7 @@ def _worker(rank: int, world: int, port: int, path: str, layers: int, width: int
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         directory = Path(out) / "ckpt"
+        directory.mkdir(exist_ok=True)
         model, opt, step, save, load = _build(path, layers, width, world)
         _train(model, step, width)
         held = opt.state_bytes()
