@@ -160,14 +160,15 @@ def stream_blocks_to(opt: PreconditionedOptimizer, dst: int) -> Iterator[tuple[B
     at a time from their owners, one message per state dtype, so a consumer that packs each
     as it comes holds the result plus one block."""
     router = opt._router
-    assert router is not None and opt._plan is not None
+    assert router is not None
     rank = router.rank
     local = {block.id: (bucket, i) for bucket in opt._buckets for i, block in enumerate(bucket.blocks)}
     owned_records = [(bucket.blocks[i].id, record) for bucket in opt._buckets for i, record in enumerate(bucket.records)]
     records = router.gather_objects_to(owned_records, dst)
     record_of = dict(records) if records is not None else {}
     cpu = torch.device("cpu")
-    for block, owner in zip(opt._plan.blocks, opt._owners):
+    # The blocks planned so far (kept while a group added by add_param_group awaits planning).
+    for block, owner in zip(opt._planned_blocks, opt._owners):
         if owner != rank and rank != dst:
             continue
         if owner == rank:
