@@ -114,6 +114,22 @@ def _chain_worker(rank: int, world: int, phase: int, out: str) -> None:
             save_case(out, case, rank, result)
     if phase == 0:
         _full_form_cases(rank, world, Path(out))
+        _fsdp2_full_state_dict(rank, world, Path(out))
+
+
+def _fsdp2_full_state_dict(rank: int, world: int, out: Path) -> None:
+    """DCP's full_state_dict=True under FSDP2 (Lightning ModelParallelStrategy's and Accelerate's
+    FULL_STATE_DICT): complete on rank 0, where the blocks arrive from their owners."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    with running("fsdp2 full state dict"):
+        model = _wrap("fsdp2", make_model(), world)
+        opt = _build("SOAP", model)
+        train_exactly(model, opt, range(4), world)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(model, opt, options=options)
+        if rank == 0:
+            torch.save({"model": model_state, "opt": optim_state}, out / "fsdp2_full.pt")
 
 
 def _full_form_cases(rank: int, world: int, out: Path) -> None:
@@ -219,6 +235,25 @@ def test_resharded_chain_continues_like_one_process(backend, name, chains):
         rel = (torch.linalg.norm(result["params"] - expected) / torch.linalg.norm(expected)).item()
         print(f"{backend} {name} rank {rank}: max relative parameter difference after 4->2->1->4: {rel:.2e}")
         assert torch.equal(result["params"], expected), f"{backend} {name}: not bitwise, {rel:.2e}"
+
+
+def test_fsdp2_full_state_dict_resumes_in_one_process(chains):
+    out, failures = chains
+    path = out / "fsdp2_full.pt"
+    assert path.exists(), failures[0][-4000:]
+    saved = torch.load(path, weights_only=True)
+    model = make_model()
+    opt = _build("SOAP", model)
+    model.load_state_dict(saved["model"])
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, saved["opt"])  # keyed by FQN, as DCP's full form is
+    expected_model = make_model()
+    expected = _build("SOAP", expected_model)
+    with single_thread():
+        train_like_ddp(_Slice16(model), opt, range(4, 8), 4)
+        train_like_ddp(_Slice16(expected_model), expected, range(8), 4)
+    assert torch.equal(flat_params(model), flat_params(expected_model))
 
 
 def test_full_form_is_assembled_on_rank_zero_only(chains, tmp_path):

@@ -177,3 +177,13 @@ def test_one_process_resume_is_bitwise():
     twin, twin_opt = _fresh_copy(model)
     twin_opt.load_state_dict(saved)
     assert torch.equal(_continue(twin, twin_opt, steps=6), _continue(model, opt, steps=6))
+
+
+def test_load_shards_refuses_zero_without_fp32_master_weights():
+    """Resuming ZeRO at another world size loads the module's weights: exact only in fp32."""
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    for p in model.parameters():
+        p._hp_mapping = object()  # how DeepSpeed ZeRO-1/2 marks the parameters it manages
+    opt = lp.SOAP(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="fp32 master weights"):
+        load_shards(opt, [])

@@ -225,12 +225,16 @@ def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) 
         return sharded_state_dict(opt)
     if consolidated is None or consolidated.steps != opt._steps_taken:
         consolidated = consolidate(opt, 0 if consolidated is None else consolidated.writer)
-    if consolidated.blocks is None:  # not the writer: no state, and a dict that refuses to be saved
+    if consolidated.blocks is None:
+        # Not the writer: no block, a dict that refuses to be saved or loaded, and the vectors
+        # as references (FSDP2's DTensors: DCP's full-state-dict path gathers them on every
+        # rank, so every rank must hand them over).
         assert router is not None
-        groups = [{"params": list(g["params"]), **tags(opt)} for g in base(opt)["param_groups"]]
-        for group in groups:
+        packed = {"state": {}, "param_groups": partitioned_groups(opt)} if opt._flat_partitions() else base(opt)
+        partial = assemble(opt, packed, packed["state"], [])
+        for group in partial["param_groups"]:
             group[shards.SHARD_TAG] = shards.partial_message(router.rank, consolidated.writer, world)
-        return {"state": {}, "param_groups": groups}
+        return partial
     if opt._flat_partitions():
         packed = {"state": {}, "param_groups": partitioned_groups(opt)}
     else:
@@ -257,8 +261,12 @@ def sharded_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
         out = assemble(opt, packed, packed["state"], owned_blocks(opt))
     for index in range(len(opt._all_params())):
         out["state"].setdefault(index, {})
-    for group in out["param_groups"]:
-        group[shards.SHARD_TAG] = shards.SHARDED
+    if shards.dcp_call() is None:
+        # Tagged where it could be loaded by mistake (torch.save of a rank's shard). DCP's
+        # dicts carry no tag: DCP loads into templates, so the form is the load's, not the
+        # saver's, and checkpoints of other forms (FSDP1's, older ones) keep loading.
+        for group in out["param_groups"]:
+            group[shards.SHARD_TAG] = shards.SHARDED
     return out
 
 
@@ -355,6 +363,9 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
     if sharded and not shards.accepts_sharded(opt, layout):
         raise ValueError(shards.refusal(shard))
     rank_local = layout.rank_local
+    # DCP loads into this rank's own template (the sharded form), so a DCP load needs the
+    # blocks this rank owns, whichever form saved the checkpoint.
+    sharded = sharded or (not rank_local and shards.dcp_call() is not None)
     # Saved keys are indices, or FQNs when torch.distributed.checkpoint wrote them; as in
     # torch.optim, they map to parameters by position in the saved param groups.
     saved_keys = [key for group in saved["param_groups"] for key in group["params"]]

@@ -35,8 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["SHARD_TAG", "NotACheckpoint", "sharded_state_dict", "dcp_call", "wants_sharded", "accepts_sharded",
            "stream_blocks_to"]
 
-# Param-group tag of a sharded dict. Its value is the same on every rank and at every world
-# size: DCP saves one copy of each param-group value and loads it into templates of any size.
+# Param-group tag of a sharded dict outside DCP (DCP's dicts carry none, see checkpoint.py).
 SHARD_TAG = "lp_shard"
 SHARDED = "sharded"
 _DCP_MODULE = "torch.distributed.checkpoint.state_dict"
