@@ -196,7 +196,9 @@ def consolidate(opt: PreconditionedOptimizer, writer: int = 0) -> Consolidated:
         )
         opt._checkpoint_calls += 1
     vectors = None
-    if router is not None and (router.checkpoint_layout().vector_pieces or opt._flat_partitions()):
+    # Where vectors are held in pieces (FSDP1's sharded views, ZeRO's fragments); decided the
+    # same on every rank (a rank may hold no piece), as every collective must be.
+    if router is not None and (router.checkpoint_layout().rank_local or opt._flat_partitions()):
         vectors = vectors_to(opt, writer)
     return Consolidated(opt._steps_taken, writer, blocks_to(opt, writer), vectors)
 
