@@ -213,13 +213,12 @@ def plan_signature(opt: PreconditionedOptimizer) -> str:
 
 def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) -> dict[str, Any]:
     """See :meth:`PreconditionedOptimizer.state_dict` and :mod:`.shards`."""
-    base = torch.optim.Optimizer.state_dict
     router = opt._router
     layout = router.checkpoint_layout() if router is not None else CheckpointLayout()
     world = router.world_size if router is not None else 1
     if layout.rank_local and consolidated is None:
         # FSDP1's API consolidates: this rank's blocks, and the vectors whose first element it holds.
-        packed = base(opt)
+        packed = torch_packed(opt)
         whole = whole_vector_states(opt)
         vectors = {index: entry for index, (holds_first, entry) in whole.items() if holds_first}
         return assemble(opt, packed, vectors, owned_blocks(opt))
@@ -232,15 +231,12 @@ def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) 
         # as references (FSDP2's DTensors: DCP's full-state-dict path gathers them on every
         # rank, so every rank must hand them over).
         assert router is not None
-        packed = {"state": {}, "param_groups": partitioned_groups(opt)} if opt._flat_partitions() else base(opt)
+        packed = torch_packed(opt)
         partial = assemble(opt, packed, packed["state"], [])
         for group in partial["param_groups"]:
             group[shards.SHARD_TAG] = shards.partial_message(router.rank, consolidated.writer, world)
         return partial
-    if opt._flat_partitions():
-        packed = {"state": {}, "param_groups": partitioned_groups(opt)}
-    else:
-        packed = base(opt)
+    packed = torch_packed(opt)
     vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
     return assemble(opt, packed, vectors, consolidated.blocks)
 
@@ -249,8 +245,8 @@ def sharded_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
     """This rank's shard: its blocks, its vectors (whole where they are replicated, DTensors
     under FSDP2, fragments under ZeRO), and ``{}`` for every other parameter."""
     assert opt._router is not None
+    packed = torch_packed(opt)
     if opt._flat_partitions():
-        packed = {"state": {}, "param_groups": partitioned_groups(opt)}
         vectors = {
             index: {"flat_start": torch.tensor(start, dtype=torch.int64), **state}
             for index, start, state in vector_pieces_held(opt)
@@ -259,7 +255,6 @@ def sharded_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
         for index, fragment in vectors.items():
             out["state"].setdefault(index, {})[FRAGMENT_KEY] = fragment
     else:
-        packed = base_state_dict(opt)
         out = assemble(opt, packed, packed["state"], owned_blocks(opt))
     for index in range(len(opt._all_params())):
         out["state"].setdefault(index, {})
@@ -272,7 +267,11 @@ def sharded_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
     return out
 
 
-def base_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
+def torch_packed(opt: PreconditionedOptimizer) -> dict[str, Any]:
+    """``torch.optim``'s own ``{state, param_groups}`` (vectors' state as references); under
+    ZeRO, whose param groups hold flat partitions, the planned parameters' groups and no state."""
+    if opt._flat_partitions():
+        return {"state": {}, "param_groups": partitioned_groups(opt)}
     return torch.optim.Optimizer.state_dict(opt)
 
 
