@@ -17,10 +17,14 @@ from lightning_precond.registry import ALGORITHMS
 
 
 class TinyRegression(L.LightningModule):
-    def __init__(self, algorithm: str = "SOAP", shard: bool = False) -> None:
+    def __init__(self, algorithm: str = "SOAP", shard: bool = False, exact: bool = False) -> None:
         super().__init__()
         self.algorithm = algorithm
         self.shard = shard
+        # exact: a loss bilinear in integer data, so that every gradient is a dyadic rational
+        # that any world size's reduction gives bit for bit (runs at different world sizes
+        # are then bitwise comparable; see integration_tests/test_checkpoint_sharding_zero.py).
+        self.exact = exact
         self.net = make_model()
 
     def configure_model(self) -> None:
@@ -35,11 +39,23 @@ class TinyRegression(L.LightningModule):
         fully_shard(self.net, mesh=mesh)
 
     def training_step(self, item: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # The global batch in `parts` slices: one per rank, or two accumulated in one process.
         world = self.trainer.world_size
+        parts = world if world > 1 else 2
         part = self.global_rank if world > 1 else batch_idx % 2
+        size = BATCH // parts
+        rows = slice(part * size, (part + 1) * size)
+        if self.exact:
+            gen = torch.Generator().manual_seed(1000 + self.global_step)
+            loss = torch.zeros(())
+            for layer in (m for m in self.net if isinstance(m, torch.nn.Linear)):
+                x = torch.randint(-2, 3, (BATCH, layer.in_features), generator=gen).float()[rows]
+                y = torch.randint(-2, 3, (BATCH, layer.out_features), generator=gen).float()[rows]
+                loss = loss + (y * layer(x)).sum() / size
+            self.log("train_loss", loss)
+            return loss
         x, y = batch(self.global_step)
-        half = BATCH // 2
-        x, y = x[part * half:(part + 1) * half], y[part * half:(part + 1) * half]
+        x, y = x[rows], y[rows]
         loss = ((self.net(x) - y) ** 2).mean()
         self.log("train_loss", loss)
         return loss

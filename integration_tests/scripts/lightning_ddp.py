@@ -52,7 +52,7 @@ def fit(name: str, args: argparse.Namespace, out: Path) -> None:
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    model = TinyRegression(name, shard=args.strategy == "fsdp2")
+    model = TinyRegression(name, shard=args.strategy == "fsdp2", exact=args.exact_gradients)
     trainer.fit(model, ckpt_path=str(Path(args.resume) / f"{name}.ckpt") if args.resume else None)
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--algorithms", default=",".join(registry.names()),
                         help="comma list of registered algorithms (default: all)")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
+    parser.add_argument("--exact-gradients", action="store_true",
+                        help="a bilinear integer-data loss: bitwise equal gradients at every world size")
     parser.add_argument("--save")
     parser.add_argument("--resume")
     args = parser.parse_args()
