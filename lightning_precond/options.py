@@ -41,7 +41,7 @@ class EngineOptionsDict(TypedDict, total=False):
         precondition_1d: Precondition vectors as 1 x n matrices instead of AdamW.
         distributed: "auto" (detect the backend), None (each rank alone), a module (FSDP1) or a process group.
         communication_dtype: Dtype of the routing collectives (None: float32, float64 for float64 state).
-        checkpoint_timeout: Seconds a rank waits for the others to join a full state_dict() before raising.
+        checkpoint_timeout: Seconds the writer of a full state_dict() waits for the other ranks to join before raising.
     """
 
     max_preconditioner_dim: int | None
@@ -108,6 +108,8 @@ class EngineOptions:
                 f"float16), got {self.communication_dtype}"
             )
         check_nonnegative(self.checkpoint_timeout, "checkpoint_timeout")
+        if self.checkpoint_timeout == 0:
+            raise ValueError("checkpoint_timeout must be > 0 seconds, got 0")
         if isinstance(self.distributed, str) and self.distributed != "auto":
             raise ValueError(
                 f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"

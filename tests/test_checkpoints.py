@@ -165,9 +165,10 @@ def test_consolidate_state_dict_names_a_rank(to):
         opt.consolidate_state_dict(to=to)
 
 
-def test_checkpoint_timeout_is_validated():
+@pytest.mark.parametrize("timeout", [-1.0, 0, float("inf"), "60"])
+def test_checkpoint_timeout_is_validated(timeout):
     with pytest.raises(ValueError, match="checkpoint_timeout"):
-        lp.SOAP(torch.nn.Linear(3, 3).parameters(), checkpoint_timeout=-1.0)
+        lp.SOAP(torch.nn.Linear(3, 3).parameters(), checkpoint_timeout=timeout)
 
 
 def test_one_process_resume_is_bitwise():
@@ -187,3 +188,23 @@ def test_load_shards_refuses_zero_without_fp32_master_weights():
     opt = lp.SOAP(model.parameters(), lr=1e-2)
     with pytest.raises(ValueError, match="fp32 master weights"):
         load_shards(opt, [])
+
+
+def test_dcp_full_state_dict_load_refuses_a_dict_missing_a_block():
+    """DCP's full_state_dict=True load fills a template and keeps what the dict lacks; a block
+    the dict lacks must be refused, not left fresh (one rank's shard saved as if full)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
+
+    model, opt = _trained()
+    options = StateDictOptions(full_state_dict=True)
+    full = _saved(get_optimizer_state_dict(model, opt, options=options))
+    twin, twin_opt = _fresh_copy(model)
+    set_optimizer_state_dict(twin, twin_opt, _saved(full), options=options)
+    assert torch.equal(_continue(twin, twin_opt), _continue(model, opt))
+    damaged = _saved(full)
+    first = next(key for key, entry in damaged["state"].items() if "block1" in entry)
+    damaged["state"][first] = {k: v for k, v in damaged["state"][first].items() if k != "block1"}
+    other, other_opt = _fresh_copy(model)
+    with pytest.raises(ValueError, match="does not hold every block"):
+        set_optimizer_state_dict(other, other_opt, damaged, options=options)

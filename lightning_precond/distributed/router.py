@@ -133,9 +133,10 @@ class Router:
         """Where tensors sent between ranks must live for this backend."""
         return device
 
-    def wait_for_every_rank(self, key: str, timeout: float, hint: str) -> None:
-        """Return once every rank has called this with ``key``; raise ``RuntimeError`` with
-        ``hint`` after ``timeout`` seconds (a rank that will never join a collective)."""
+    def wait_for_every_rank(self, key: str, timeout: float, hint: str, waiter: int = 0) -> None:
+        """On rank ``waiter``: return once every rank has called this with ``key``, raise
+        ``RuntimeError`` with ``hint`` after ``timeout`` seconds (ranks that will never join the
+        collective that follows). Elsewhere: announce the arrival and return."""
 
 
 def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -163,41 +164,57 @@ class GroupCollectives:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=self.group)
         return values
 
+    def _global(self, rank: int) -> int:
+        """The global rank of ``rank`` of ``self.group`` (torch < 2.6 has no ``group_dst``)."""
+        return rank if self.group is None else torch.distributed.get_global_rank(self.group, rank)
+
     def gather_objects_to(self, items: list[Any], dst: int) -> list[Any] | None:
         gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
-        torch.distributed.gather_object(items, gathered, group=self.group, group_dst=dst)
+        torch.distributed.gather_object(items, gathered, dst=self._global(dst), group=self.group)
         return None if gathered is None else [item for part in gathered for item in part]
 
     def send_to(self, tensor: Tensor, dst: int) -> None:
-        torch.distributed.send(tensor, group=self.group, group_dst=dst)
+        torch.distributed.send(tensor, dst=self._global(dst), group=self.group)
 
     def receive_from(self, tensor: Tensor, src: int) -> None:
-        torch.distributed.recv(tensor, group=self.group, group_src=src)
+        torch.distributed.recv(tensor, src=self._global(src), group=self.group)
 
     def transport_device(self, device: torch.device) -> torch.device:
-        backend = str(torch.distributed.get_backend(self.group))
-        return device if "nccl" in backend else torch.device("cpu")
+        """CUDA (the state's device, or the current one) for NCCL, else the CPU."""
+        if "nccl" not in str(torch.distributed.get_backend(self.group)):
+            return torch.device("cpu")
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
-    def wait_for_every_rank(self, key: str, timeout: float, hint: str) -> None:
-        # Through the rendezvous store (not a collective), so a rank that calls alone learns
-        # it at once instead of blocking until the process-group timeout.
+    def wait_for_every_rank(self, key: str, timeout: float, hint: str, waiter: int = 0) -> None:
+        # Through the rendezvous store, not a collective, so that rank ``waiter`` (the writer)
+        # learns at once that it called alone instead of blocking until the process-group
+        # timeout. Only the waiter has a deadline: the others may legitimately arrive first
+        # and wait in the collective (Accelerate's main process writes the model file before
+        # the optimizer's state_dict() is taken).
         try:
             store = torch.distributed.distributed_c10d._get_default_store()
         except Exception:  # no default store (a custom launcher): the collective itself waits
             return
-        key = f"lightning_precond/{key}"
-        deadline = time.monotonic() + timeout
+        ranks = "-".join(map(str, torch.distributed.get_process_group_ranks(self.group or torch.distributed.group.WORLD)))
+        key = f"lightning_precond/{ranks}/{key}"
         arrived = store.add(key, 1)
+        if self.rank != waiter:
+            return
+        deadline = time.monotonic() + timeout
         pause = 0.001
         while arrived < self.world_size:
             if time.monotonic() > deadline:
                 store.add(key, -1)  # withdrawn: a later call by every rank starts clean
                 raise RuntimeError(
-                    f"rank {self.rank}: only {arrived} of {self.world_size} ranks joined within {timeout:g} s; {hint}"
+                    f"rank {self.rank}: only {arrived - 1} of the other {self.world_size - 1} ranks joined within "
+                    f"{timeout:g} s; {hint}"
                 )
             time.sleep(pause)
             pause = min(2 * pause, 0.05)
             arrived = store.add(key, 0)
+        # Everyone is here and nobody reads the key again: the next optimizer with the same
+        # plan (a second fit in this process) starts from zero.
+        store.delete_key(key)
 
 
 class LocalRouter(Router):

@@ -193,6 +193,7 @@ def consolidate(opt: PreconditionedOptimizer, writer: int = 0) -> Consolidated:
             "call opt.consolidate_state_dict() on EVERY rank before `if rank == 0: opt.state_dict()`, or "
             "call state_dict() on every rank, or save each rank's shard with torch.distributed.checkpoint "
             "(get_optimizer_state_dict + dcp.save)",
+            waiter=writer,
         )
         opt._checkpoint_calls += 1
     vectors = None
@@ -216,6 +217,12 @@ def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) 
     router = opt._router
     layout = router.checkpoint_layout() if router is not None else CheckpointLayout()
     world = router.world_size if router is not None else 1
+    if consolidated is not None and (consolidated.steps != opt._steps_taken or opt._sharded_depth > 0
+                                     or shards.dcp_call() is not None):
+        # Only the writer keeps a consolidation: one outdated by a step, or overridden by a
+        # sharded request or FSDP's API, must not make it take another branch than the other
+        # ranks (a collective mismatch).
+        consolidated = None
     if layout.rank_local and consolidated is None:
         # FSDP1's API consolidates: this rank's blocks, and the vectors whose first element it holds.
         packed = torch_packed(opt)
@@ -224,8 +231,8 @@ def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) 
         return assemble(opt, packed, vectors, owned_blocks(opt))
     if consolidated is None and router is not None and shards.wants_sharded(opt, layout):
         return sharded_state_dict(opt)
-    if consolidated is None or consolidated.steps != opt._steps_taken:
-        consolidated = consolidate(opt, 0 if consolidated is None else consolidated.writer)
+    if consolidated is None:
+        consolidated = consolidate(opt, 0)
     if consolidated.blocks is None:
         # Not the writer: no block, a dict that refuses to be saved or loaded, and the vectors
         # as references (FSDP2's DTensors: DCP's full-state-dict path gathers them on every
@@ -258,6 +265,13 @@ def sharded_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
         out = assemble(opt, packed, packed["state"], owned_blocks(opt))
     for index in range(len(opt._all_params())):
         out["state"].setdefault(index, {})
+    if shards.dcp_call() == shards.FULL_LOAD_TEMPLATE:
+        # DCP fills this template from a full dict and keeps what the dict lacks: a block
+        # counted -1 steps that survives the merge was not in the file (refused at load).
+        for entry in out["state"].values():
+            for key, block_state in entry.items():
+                if key.startswith("block"):
+                    block_state["step"] = torch.tensor(-1, dtype=torch.int64)
     if shards.dcp_call() is None:
         # Tagged where it could be loaded by mistake (torch.save of a rank's shard). DCP's
         # dicts carry no tag: DCP loads into templates, so the form is the load's, not the
@@ -348,6 +362,10 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
     sharded = shard is not None
     saved = _untagged(saved)
     entries = {key: split_entry(entry) for key, entry in saved["state"].items()}
+    before = opt._router.checkpoint_layout() if opt._router is not None else CheckpointLayout(
+        per_rank_files=opt._deepspeed_took_over())
+    if sharded and not shards.accepts_sharded(opt, before):  # refused before anything is planned
+        raise ValueError(shards.refusal(shard))
     if (opt._plan is None and not sharded and not opt._deepspeed_took_over()
             and not any(blocks for _, blocks in entries.values())):
         # Nothing planned yet and no block state to place: load hyperparameters (and any
@@ -361,12 +379,10 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
     opt._setup()
     assert opt._plan is not None and opt._router is not None
     layout = opt._router.checkpoint_layout()
-    if sharded and not shards.accepts_sharded(opt, layout):
-        raise ValueError(shards.refusal(shard))
     rank_local = layout.rank_local
     # DCP loads into this rank's own template (the sharded form), so a DCP load needs the
     # blocks this rank owns, whichever form saved the checkpoint.
-    sharded = sharded or (not rank_local and shards.dcp_call() is not None)
+    via_dcp = not rank_local and shards.dcp_call() is not None
     # Saved keys are indices, or FQNs when torch.distributed.checkpoint wrote them; as in
     # torch.optim, they map to parameters by position in the saved param groups.
     saved_keys = [key for group in saved["param_groups"] for key in group["params"]]
@@ -383,16 +399,19 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
     owned = {block.id for bucket in opt._buckets for block in bucket.blocks}
     # A shard holds (at least) the blocks this rank owns; a full dict every block, or none at
     # all when it was saved before the first step.
-    fresh = not sharded and not (opt._router.any_rank(bool(blocks_by_param)) if rank_local else blocks_by_param)
+    # Decided alike on every rank (a rank may own no block), since a fresh start re-plans.
+    fresh = not sharded and not (
+        opt._router.any_rank(bool(blocks_by_param)) if (rank_local or via_dcp) else blocks_by_param
+    )
     if not fresh:
-        validate_block_state(opt, blocks_by_param, owned if (rank_local or sharded) else None)
+        validate_block_state(opt, blocks_by_param, owned if (rank_local or sharded or via_dcp) else None)
     if rank_local:
         plain_state = local_vector_pieces(opt, plain_state, position, layout.vector_pieces)
     elif not opt._flat_partitions():
         check_vector_state(opt, plain_state, position)
     if opt._flat_partitions():
         load_partitioned(opt, saved, {position[k]: v for k, v in plain_state.items() if k in position},
-                         layout.vector_pieces)
+                         layout.vector_pieces, sharded)
     else:
         base_load(opt, {**saved, "state": plain_state})
         opt._group_dicts = list(opt.param_groups)
@@ -458,7 +477,7 @@ def local_vector_pieces(opt: PreconditionedOptimizer, plain_state: Mapping[Any, 
 
 
 def load_partitioned(opt: PreconditionedOptimizer, saved: Mapping[str, Any], plain_state: Mapping[int, Mapping[str, Any]],
-                     pieces_here: Iterable[tuple[int, int, int]]) -> None:
+                     pieces_here: Iterable[tuple[int, int, int]], sharded: bool = False) -> None:
     """Hyperparameters and vector fragments under DeepSpeed ZeRO (the param groups hold flat
     partitions, so ``torch.optim``'s loader cannot map them)."""
     assert opt._planned is not None
@@ -481,12 +500,17 @@ def load_partitioned(opt: PreconditionedOptimizer, saved: Mapping[str, Any], pla
                     f"checkpoint holds elements [{saved_start}, {saved_start + saved_numel}) of "
                     f"{opt._name_of_index(index)}'s AdamW state, this rank holds [{start}, {start + numel}): "
                     "a ZeRO shard loads only at the world size and partitioning that saved it "
-                    "(resume at another world size with lightning_precond.load_zero_shards)"
+                    "(resume at another world size with lightning_precond.checkpoints.load_shards)"
                 )
             fragments[index] = (start, {n: fragment[n].detach().clone() for n in ("step", "exp_avg", "exp_avg_sq")})
             fragments[index][1]["step"] = fragments[index][1]["step"].to(torch.float32)
             continue
         if "exp_avg" not in entry:
+            if sharded:
+                raise ValueError(
+                    f"this rank's shard lacks its piece of {opt._name_of_index(index)}'s AdamW state "
+                    "(a shard of another rank, or of another world size? see lightning_precond.checkpoints.load_shards)"
+                )
             continue
         state = {"step": entry["step"].detach().clone().to(torch.float32)}
         for name in ("exp_avg", "exp_avg_sq"):
@@ -553,6 +577,13 @@ def validate_block_state(
             missing = counters - set(got[key])
             if missing:
                 raise ValueError(f"checkpoint state of {name} {key} lacks {sorted(missing)}")
+            if int(got[key]["step"]) < 0:
+                raise ValueError(
+                    f"checkpoint lacks {name} {key}, which this rank owns: the full state dict handed to "
+                    "set_optimizer_state_dict(full_state_dict=True) does not hold every block (one rank's shard? "
+                    "save full checkpoints with get_optimizer_state_dict(..., full_state_dict=True) or "
+                    "opt.state_dict() on rank 0)"
+                )
             names = set(opt.algorithm.state_shapes(m, n, config))
             unexpected = set(got[key]) - names - counters
             if unexpected:

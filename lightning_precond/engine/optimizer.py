@@ -96,6 +96,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._group_params.append(list(group["params"]))
         if getattr(self, "_plan", None) is not None:
             self._plan = None  # re-planned at the next step; existing blocks keep owners and state
+        self._consolidated = None
 
     def _config(self, group_index: int) -> GroupConfig:
         """The validated config of a param group, rebuilt only when the group's values changed
@@ -545,7 +546,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """
         if not isinstance(to, int) or isinstance(to, bool) or to < 0:
             raise ValueError(f"to must be a rank (an int >= 0), got {to!r}")
-        world = self._router.world_size if self._router is not None else 1
+        if self._router is not None:
+            world = self._router.world_size
+        else:
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if to >= world:
             raise ValueError(f"to must be a rank below the world size {world}, got {to}")
         consolidated = checkpoint.consolidate(self, to)
@@ -561,6 +565,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         (what ``FSDP.optim_state_dict_to_load`` hands it).
         """
         checkpoint.load_state_dict(self, state_dict)
+        self._consolidated = None  # what it assembled is not the state any more
 
     # ------------------------------------------------------------------ names
     def _name(self, param: Tensor) -> str:

@@ -18,6 +18,7 @@ assembled on the rank that writes it.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ __all__ = ["SHARD_TAG", "NotACheckpoint", "sharded_state_dict", "dcp_call", "wan
 # Param-group tag of a sharded dict outside DCP (DCP's dicts carry none, see checkpoint.py).
 SHARD_TAG = "lp_shard"
 SHARDED = "sharded"
+# What dcp_call() says inside the template DCP builds for a full_state_dict=True load.
+FULL_LOAD_TEMPLATE = "full load template"
 _DCP_MODULE = "torch.distributed.checkpoint.state_dict"
 
 
@@ -66,23 +69,41 @@ def sharded_state_dict(*optimizers: PreconditionedOptimizer) -> Iterator[None]:
     ``full_state_dict=False``) select the sharded form without it; it is needed for other
     per-rank saves (``torch.save`` of each rank's shard).
     """
-    for opt in optimizers:
-        opt._sharded_depth += 1
+    selected: list[PreconditionedOptimizer] = []
     try:
+        for opt in optimizers:
+            inner = _unwrap(opt)
+            inner._sharded_depth += 1
+            selected.append(inner)
         yield
     finally:
-        for opt in optimizers:
-            opt._sharded_depth -= 1
+        for inner in selected:
+            inner._sharded_depth -= 1
+
+
+def _unwrap(opt: Any) -> PreconditionedOptimizer:
+    """Ours, behind Lightning's ``LightningOptimizer`` or Accelerate's ``AcceleratedOptimizer``."""
+    from .optimizer import PreconditionedOptimizer
+
+    inner = opt
+    for _ in range(4):
+        if isinstance(inner, PreconditionedOptimizer):
+            return inner
+        inner = getattr(inner, "_optimizer", None) or getattr(inner, "optimizer", None)
+    raise ValueError(
+        f"sharded_state_dict() takes lightning_precond optimizers, got {type(opt).__name__}"
+    )
 
 
 def dcp_call() -> str | None:
     """``"full"`` / ``"sharded"`` when called (through the optimizer) from DCP's optimizer
-    state-dict functions, by their ``full_state_dict`` option; ``None`` otherwise.
+    state-dict functions, by their ``full_state_dict`` option, ``FULL_LOAD_TEMPLATE`` inside
+    the template of a ``full_state_dict=True`` load; ``None`` otherwise.
 
     DCP passes no option to ``Optimizer.state_dict()``; its private ``_StateDictInfo`` is the
     local ``info`` of ``_get_optim_state_dict`` / ``_load_optim_state_dict`` (torch 2.4 to
-    2.13; integration tests pin it). Unknown layouts read as ``None``: the full form, correct
-    but gathered.
+    2.13; integration tests pin it). Were it not found, a save would take the full form, whose
+    non-writer dicts refuse to be pickled: ``dcp.save`` would raise, never write a wrong file.
     """
     frame = sys._getframe(1)
     for _ in range(32):
@@ -94,20 +115,33 @@ def dcp_call() -> str | None:
         ):
             full = getattr(frame.f_locals.get("info"), "full_state_dict", None)
             if isinstance(full, bool):
+                if frame.f_code.co_name == "_get_optim_state_dict" and _called_from_load(frame):
+                    return FULL_LOAD_TEMPLATE  # the local template of a full_state_dict=True load
                 return "full" if full else "sharded"
         frame = frame.f_back
     return None
 
 
+def _called_from_load(frame: Any) -> bool:
+    """Whether the next DCP frame above ``frame`` (decorators in between) is the loader's."""
+    caller = frame.f_back
+    for _ in range(4):
+        if caller is None:
+            return False
+        if caller.f_globals.get("__name__") == _DCP_MODULE:
+            return caller.f_code.co_name == "_load_optim_state_dict"
+        caller = caller.f_back
+    return False
+
+
 def wants_sharded(opt: PreconditionedOptimizer, layout: CheckpointLayout) -> bool:
     """Whether ``state_dict()`` returns this rank's shard now."""
-    return opt._sharded_depth > 0 or layout.per_rank_files or dcp_call() == "sharded"
+    return opt._sharded_depth > 0 or layout.per_rank_files or dcp_call() in ("sharded", FULL_LOAD_TEMPLATE)
 
 
 def accepts_sharded(opt: PreconditionedOptimizer, layout: CheckpointLayout) -> bool:
-    """Whether ``load_state_dict()`` may take a shard now (DCP also passes one, completed
-    with the saved blocks, on its full-state-dict load path)."""
-    return opt._sharded_depth > 0 or layout.per_rank_files or dcp_call() is not None
+    """Whether ``load_state_dict()`` may take a tagged shard now."""
+    return opt._sharded_depth > 0 or layout.per_rank_files or dcp_call() == "sharded"
 
 
 def refusal(tag: str) -> str:
@@ -133,23 +167,15 @@ def partial_message(rank: int, writer: int, world_size: int) -> NotACheckpoint:
 
 
 # ---------------------------------------------------------------------------- assembling
-def _template(opt: PreconditionedOptimizer, block: Block) -> dict[str, Tensor]:
-    """A block's state tensors as the algorithm allocates them (names, shapes, dtypes), on
-    the meta device: what the writer receives into."""
-    from ..algorithms.base import tensor_fields
-
-    param = opt._all_params()[block.param_index]
-    m, n = block.shape
-    state = opt.algorithm.create_state(
-        1, m, n, opt._config(block.group_index), opt._state_dtype(param), torch.device("meta")
-    )
-    return {name: t[0] for name, t in tensor_fields(state).items()}
+def _layout(tensors: dict[str, Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of one block's state tensors, as its owner holds them."""
+    return [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
 
 
-def _by_dtype(tensors: dict[str, Tensor]) -> dict[torch.dtype, list[str]]:
-    out: dict[torch.dtype, list[str]] = {}
-    for name, t in tensors.items():
-        out.setdefault(t.dtype, []).append(name)
+def _by_dtype(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[torch.dtype, list[tuple[str, tuple[int, ...]]]]:
+    out: dict[torch.dtype, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, dtype, shape in layout:
+        out.setdefault(dtype, []).append((name, shape))
     return out
 
 
@@ -157,14 +183,19 @@ def stream_blocks_to(opt: PreconditionedOptimizer, dst: int) -> Iterator[tuple[B
     """Every block's state and record, yielded on rank ``dst`` (CPU tensors) in plan order;
     elsewhere nothing is yielded. A collective: every rank must exhaust it. Blocks travel one
     at a time from their owners, one message per state dtype, so a consumer that packs each
-    as it comes holds the result plus one block."""
+    as it comes holds the result plus one block. Each owner's records carry the names,
+    dtypes and shapes of its tensors, so the writer receives exactly what is sent."""
     router = opt._router
     assert router is not None
     rank = router.rank
     local = {block.id: (bucket, i) for bucket in opt._buckets for i, block in enumerate(bucket.blocks)}
-    owned_records = [(bucket.blocks[i].id, record) for bucket in opt._buckets for i, record in enumerate(bucket.records)]
-    records = router.gather_objects_to(owned_records, dst)
-    record_of = dict(records) if records is not None else {}
+    owned = []
+    for bucket in opt._buckets:
+        tensors = bucket.tensors()
+        for i, (block, record) in enumerate(zip(bucket.blocks, bucket.records)):
+            owned.append((block.id, record, _layout({n: t[i] for n, t in tensors.items()})))
+    gathered = router.gather_objects_to(owned, dst)
+    remote = {block_id: (record, layout) for block_id, record, layout in gathered} if gathered is not None else {}
     cpu = torch.device("cpu")
     # The blocks planned so far (kept while a group added by add_param_group awaits planning).
     for block, owner in zip(opt._planned_blocks, opt._owners):
@@ -176,20 +207,20 @@ def stream_blocks_to(opt: PreconditionedOptimizer, dst: int) -> Iterator[tuple[B
             if rank == dst:
                 yield block, bucket.records[i], {n: t.to(cpu) for n, t in tensors.items()}
                 continue
-            for names in _by_dtype(tensors).values():
-                flat = torch.cat([tensors[n].reshape(-1) for n in names])
+            for entries in _by_dtype(_layout(tensors)).values():
+                flat = torch.cat([tensors[name].reshape(-1) for name, _ in entries])
                 router.send_to(flat.to(router.transport_device(flat.device)), dst)
             continue
-        template = _template(opt, block)
+        record, layout = remote[block.id]
+        device = router.transport_device(opt._all_params()[block.param_index].device)
         received: dict[str, Tensor] = {}
-        for dtype, names in _by_dtype(template).items():
-            numel = sum(template[n].numel() for n in names)
-            flat = torch.empty(numel, dtype=dtype, device=router.transport_device(cpu))
+        for dtype, entries in _by_dtype(layout).items():
+            flat = torch.empty(sum(math.prod(shape) for _, shape in entries), dtype=dtype, device=device)
             router.receive_from(flat, owner)
             flat = flat.to(cpu)
             offset = 0
-            for n in names:
-                size = template[n].numel()
-                received[n] = flat[offset : offset + size].view(template[n].shape)
+            for name, shape in entries:
+                size = math.prod(shape)
+                received[name] = flat[offset : offset + size].view(shape)
                 offset += size
-        yield block, record_of[block.id], received
+        yield block, record, received
