@@ -2,6 +2,7 @@
 Lightning and Accelerate, with preconditioner state sharded across ranks by whole blocks."""
 
 from .engine import FactorStats, PreconditionedOptimizer, RefreshedFactor
+from .groups import param_groups, param_roles
 from .optimizers import KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Muon, Shampoo
 from .options import EngineOptions, EngineOptionsDict
 
@@ -17,6 +18,8 @@ __all__ = [
     "EngineOptionsDict",
     "FactorStats",
     "RefreshedFactor",
+    "param_groups",
+    "param_roles",
 ]
 
 __version__ = "0.1.0"
