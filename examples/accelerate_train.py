@@ -154,6 +154,10 @@ def train(args: argparse.Namespace) -> tuple[Accelerator, dict[str, float]]:
                 f"staleness mean {metrics['precond/staleness_mean']:.4f} max {metrics['precond/staleness_max']:.4f}  "
                 f"refreshes {metrics['precond/refresh_count_total']:.0f}"
             )
+    final = hooks.report(step)  # the steps after the last interval, if any (every rank calls it)
+    if final:
+        accelerator.log(final, step=step)
+        last = final
     hooks.close()
     accelerator.print(
         f"done: {step} steps on {accelerator.num_processes} process(es), "
