@@ -19,9 +19,13 @@ role          default rule (first that applies)              group options by de
               order >= 2)
 ============= ============================================== ==========================================
 
+Parameters a custom module registers itself (a learned position table as a bare
+``nn.Parameter`` of shape ``[1, T, d]``) are ``hidden`` by their order: name them in
+``overrides`` when they should take AdamW.
+
 ``"precondition": False`` is the engine's per-group switch: those parameters take AdamW
-with the group's ``lr`` and ``weight_decay`` (and the optimizer's AdamW betas and eps), never
-a Kronecker factor. The defaults follow the GPT-2 / nanoGPT convention: every order >= 2
+with the group's ``lr`` and ``weight_decay`` (betas and eps: see the optimizer), never a
+Kronecker factor. The defaults follow the GPT-2 / nanoGPT convention: every order >= 2
 weight (embeddings included) decays, biases and norms do not. A tied head is the embedding's
 weight: the tensor appears once, in the ``embedding`` group, named as ``named_parameters()``
 first names it.
