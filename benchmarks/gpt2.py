@@ -29,8 +29,10 @@ step's time (forward + backward + ``optimizer.step()``; SOAP & co build their ba
 the steady step time (median over the steps after the first; also the mean, which includes
 the periodic refreshes) and its ratio to AdamW's, the eval loss after the run on fixed
 held-out windows (the last 5% of the text) and its difference to AdamW's, and the warnings
-the optimizer raised. A contender whose training time exceeds ``--cap-seconds`` stops early:
-its eval loss is then after fewer steps (the table says how many).
+the optimizer raised. An ``all`` contender whose training time exceeds ``--cap-seconds`` stops
+early (before large dims get an identity side, its steps cost 5-10x AdamW's): its eval loss is
+then after fewer steps (the table says how many); AdamW and the ``split`` contenders always run
+every step.
 
 DDP: the same contenders on 2 gloo ranks (forked, one thread each), ``--ddp-steps`` steps
 each: per-rank state bytes, first and steady step time.
@@ -246,7 +248,7 @@ def run_single(cfg: Config, train: torch.Tensor, eval_set: list[Any]) -> tuple[l
         order = contenders[index % len(contenders):] + contenders[: index % len(contenders)]
         for c in order:
             if c.active:
-                c.step(x, y, cfg.cap_seconds)
+                c.step(x, y, cfg.cap_seconds if c.split == "all" and c.optimizer_name != "AdamW" else math.inf)
         if index == 0:
             for c in contenders:  # state exists after the first step
                 c.state_bytes = state_bytes(c.optimizer) if c.optimizer is not None else 0
@@ -279,6 +281,8 @@ def run_single(cfg: Config, train: torch.Tensor, eval_set: list[Any]) -> tuple[l
             "steps": len(c.step_seconds),
             "capped": c.capped,
             "train_loss_last": c.losses[-1] if c.losses else math.nan,
+            # the same batch at the same step: comparable also for a capped contender
+            "train_minus_adamw_same_step": c.losses[-1] - adamw.losses[len(c.losses) - 1] if c.losses else math.nan,
             "eval_loss": eval_loss,
             "eval_minus_adamw": eval_loss - adamw_eval,
             "warnings": sum(c.warnings.values()),
@@ -414,7 +418,10 @@ def markdown(cfg: Config, command: str, rows: list[dict[str, Any]], raw: dict[st
     if capped:
         notes.append(
             f"- Capped at {cfg.cap_seconds:g} s of training: {', '.join(capped)}; their eval loss is after the "
-            "steps shown, not comparable with the others'."
+            "steps shown, not comparable with the others'. Train loss at their last step minus AdamW's at the same "
+            "step (same batch): " + ", ".join(
+                f"{r['optimizer']} ({r['groups']}) {_fmt(r['train_minus_adamw_same_step'], '+.3f')}"
+                for r in rows if r["capped"]) + "."
         )
     if notes:
         lines += ["", "Warnings, errors and caps:", "", *notes]
@@ -479,15 +486,15 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 steps: a smoke run of every path")
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 40)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=2, help="windows of `context` tokens per step")
     parser.add_argument("--cap-seconds", type=float, default=None,
-                        help="a contender stops after this much training time (default 150)")
+                        help="an `all` contender stops after this much training time (default 120)")
     parser.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
                         choices=[n for n in LEARNING_RATES if n != "AdamW"])
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--lr", type=_lr, action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--ddp-steps", type=int, default=None, help="steps at 2 DDP ranks (default 4; 0: no DDP run)")
+    parser.add_argument("--ddp-steps", type=int, default=None, help="steps at 2 DDP ranks (default 3; 0: no DDP run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="run", help="file names under --out: <tag>.csv, <tag>.md, ...")
@@ -499,12 +506,12 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
         shape = Shape(shape.vocab, shape.width, args.layers, shape.heads, shape.context)
     cfg = Config(
         shape=shape,
-        steps=args.steps or (3 if args.quick else 40),
+        steps=args.steps or (3 if args.quick else 30),
         batch_size=args.batch_size,
         eval_batches=1 if args.quick else 4,
         eval_batch_size=2 if args.quick else 4,
-        cap_seconds=args.cap_seconds or (60.0 if args.quick else 150.0),
-        ddp_steps=(2 if args.quick else 4) if args.ddp_steps is None else args.ddp_steps,
+        cap_seconds=args.cap_seconds or (60.0 if args.quick else 120.0),
+        ddp_steps=(2 if args.quick else 3) if args.ddp_steps is None else args.ddp_steps,
         ddp_cap_seconds=30.0 if args.quick else 60.0,
         seed=args.seed,
         threads=args.threads,
