@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adaptive", action="store_true", help="refresh stale factors only (no schedule)")
     parser.add_argument("--tolerance", type=float, default=0.1, help="staleness threshold of --adaptive")
     parser.add_argument("--monitor-every", type=int, default=5, help="staleness metrics interval")
+    parser.add_argument("--per-layer", nargs="*", default=None, metavar="PATTERN",
+                        help="also log every factor (no PATTERN) or those of the matching parameters")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--csv", type=Path, default=None, help="write metrics to this CSV file")
     parser.add_argument("--cpu", action="store_true", help="force CPU (and gloo with several processes)")
@@ -126,6 +128,7 @@ def train(args: argparse.Namespace) -> tuple[Accelerator, dict[str, float]]:
     hooks = PreconditionerHooks(
         optimizer,
         monitor_every=args.monitor_every,
+        per_layer=False if args.per_layer is None else (args.per_layer or True),
         names=accelerator.unwrap_model(model).named_parameters(),
         **policy,
     )
@@ -154,6 +157,10 @@ def train(args: argparse.Namespace) -> tuple[Accelerator, dict[str, float]]:
                 f"staleness mean {metrics['precond/staleness_mean']:.4f} max {metrics['precond/staleness_max']:.4f}  "
                 f"refreshes {metrics['precond/refresh_count_total']:.0f}"
             )
+    final = hooks.report(step)  # the steps after the last interval, if any (every rank calls it)
+    if final:
+        accelerator.log(final, step=step)
+        last = final
     hooks.close()
     accelerator.print(
         f"done: {step} steps on {accelerator.num_processes} process(es), "

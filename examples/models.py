@@ -65,8 +65,9 @@ class CharGPT(nn.Module):
     """Minimal causal transformer for character-level language modelling.
 
     Token + learned position embeddings, ``n_layer`` pre-LN blocks, final
-    LayerNorm and an untied linear head (untied so the embedding and the head
-    are separate matrices for the preconditioner).
+    LayerNorm and a linear head: untied by default (so the embedding and the head
+    are separate matrices for the preconditioner), the token embedding's weight
+    with ``tied_head=True`` (GPT-2's layout).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class CharGPT(nn.Module):
         n_head: int = 4,
         n_embd: int = 128,
         dropout: float = 0.0,
+        tied_head: bool = False,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -87,6 +89,8 @@ class CharGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        if tied_head:
+            self.head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
 
     @staticmethod

@@ -50,7 +50,7 @@ def test_accelerate_launch_one_process(tmp_path: Path) -> None:
         str(_launcher("accelerate")), "launch",
         "--num_processes", "1", "--num_machines", "1", "--cpu",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(SCRIPT), "--steps", "10", "--csv", str(metrics_csv),
+        str(SCRIPT), "--steps", "10", "--csv", str(metrics_csv), "--per-layer",
     ]
     result = _run(command, tmp_path)
 

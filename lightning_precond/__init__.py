@@ -3,6 +3,7 @@ Lightning and Accelerate, with preconditioner state sharded across ranks by whol
 
 from .engine import FactorStats, PreconditionedOptimizer, RefreshedFactor
 from .engine.shards import sharded_state_dict
+from .groups import param_groups, param_roles
 from .optimizers import KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Muon, Shampoo
 from .options import EngineOptions, EngineOptionsDict
 
@@ -19,6 +20,8 @@ __all__ = [
     "FactorStats",
     "RefreshedFactor",
     "sharded_state_dict",
+    "param_groups",
+    "param_roles",
 ]
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ Example::
         accelerator.backward(loss_fn(model, batch))
         optimizer.step(); optimizer.zero_grad()
         accelerator.log(hooks.on_step(step), step=step)  # every rank calls on_step
+    accelerator.log(hooks.report(step), step=step)      # the last steps, if not reported yet
     hooks.close()
 """
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from .callbacks._core import (
     AdaptiveRefresh,
+    PerLayer,
     RefreshSchedule,
     ScheduledRefresh,
     StalenessReport,
@@ -94,9 +96,12 @@ class PreconditionerHooks:
             refresh only stale factors (excludes ``scheduler``); adds
             ``precond/adaptive_refreshed`` and ``precond/adaptive_refreshed_total`` to the
             metrics of the steps it checks.
-        monitor_every: report staleness metrics every this many steps (``None``: never);
-            names as :class:`~lightning_precond.callbacks.StalenessReport`.
-        per_layer: report every factor, not only the aggregates.
+        monitor_every: report staleness metrics every this many steps (``None``: only when
+            :meth:`report` is called); names as
+            :class:`~lightning_precond.callbacks.StalenessReport`. Plain loops have no
+            logging interval to follow: pass the one your loop logs at.
+        per_layer: ``False`` (default): aggregates only; ``True``: also every factor (six
+            columns each); a parameter-name pattern or a list of them: also those factors.
         names: ``model.named_parameters()`` (or a dict) to name the per-factor metrics.
 
     Raises:
@@ -113,7 +118,7 @@ class PreconditionerHooks:
         refresh_method: str | None = None,
         adaptive: AdaptiveRefresh | bool | None = None,
         monitor_every: int | None = None,
-        per_layer: bool = True,
+        per_layer: PerLayer = False,
         names: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | None = None,
     ) -> None:
         schedule = _as_schedule(scheduler)
@@ -129,7 +134,7 @@ class PreconditionerHooks:
         found, _ = preconditioned_optimizers([optimizer], type(self).__name__)
         self.optimizer: PreconditionedOptimizer = found[0]
         self._names = None if names is None else dict(names.items() if isinstance(names, Mapping) else names)
-        self._report = None if monitor_every is None else StalenessReport(monitor_every, per_layer)
+        self._report = StalenessReport(monitor_every, per_layer)
         self._owner: ScheduledRefresh | AdaptiveRefresh | None = None
         if schedule is not None:
             self._owner = ScheduledRefresh(schedule, refresh_method)
@@ -172,9 +177,23 @@ class PreconditionerHooks:
                 metrics["precond/adaptive_refreshed_total"] = float(self._owner.refreshed_total)
         elif isinstance(self._owner, ScheduledRefresh):
             self._owner.advance(step)
-        if self._report is not None and self._report.due(step):
+        if self._report.due(step):
             metrics.update(self._report.collect([self.optimizer], self._names, step))
         return metrics
+
+    def report(self, step: int) -> dict[str, float]:
+        """The staleness metrics after optimizer step ``step``, whatever ``monitor_every``
+        says (e.g. after the last step); ``{}`` if ``step`` was reported already. Call it on
+        every rank (a collective when distributed).
+
+        Raises:
+            ValueError: for a negative or non-int ``step``.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0 (optimizer steps completed), got {step!r}")
+        if not self._report.pending(step):
+            return {}
+        return self._report.collect([self.optimizer], self._names, step)
 
     def close(self) -> None:
         """Hand the refresh schedule back to the optimizer (idempotent)."""
@@ -191,13 +210,13 @@ class PreconditionerHooks:
         """Counters of the schedule and the monitor (for ``accelerator.register_for_checkpointing``)."""
         return {
             "owner": None if self._owner is None else self._owner.state_dict(),
-            "monitor": None if self._report is None else self._report.state_dict(),
+            "monitor": self._report.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if self._owner is not None and state_dict.get("owner") is not None:
             self._owner.load_state_dict(state_dict["owner"])
-        if self._report is not None and state_dict.get("monitor") is not None:
+        if state_dict.get("monitor") is not None:
             self._report.load_state_dict(state_dict["monitor"])
 
     @property

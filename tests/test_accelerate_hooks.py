@@ -91,6 +91,7 @@ def test_fixed_schedule_with_warmup_and_metrics(name: str) -> None:
         scheduler=RefreshSchedule(every=5, warmup_steps=2),
         refresh_method="eigh",
         monitor_every=4,
+        per_layer=True,
         names=model.named_parameters(),
     )
     assert [s for s in range(1, 13) if hooks.should_refresh(s)] == [1, 2, 7, 12]
@@ -127,11 +128,11 @@ def test_int_and_callable_schedulers(name: str) -> None:
 def test_monitor_only_keeps_the_optimizer_schedule(name: str) -> None:
     model = _model()
     optimizer = ALGORITHMS[name].build(model.named_parameters(), precondition_frequency=3)
-    hooks = PreconditionerHooks(optimizer, monitor_every=5, per_layer=False)
+    hooks = PreconditionerHooks(optimizer, monitor_every=5)
     assert not hooks.owns_schedule and optimizer.refresh_owner is None
     logged = _train(model, optimizer, hooks, 10)
     assert sorted(logged) == [5, 10]
-    assert not any(key.count("/") > 1 for key in logged[5])  # aggregates only
+    assert not any(key.count("/") > 1 for key in logged[5])  # aggregates only (the default)
     # The refreshes of the optimizer on its own.
     alone = _model()
     alone_opt = ALGORITHMS[name].build(alone.named_parameters(), precondition_frequency=3)
@@ -165,6 +166,29 @@ def test_adaptive_shampoo_has_roots_before_preconditioning() -> None:
     logged = _train(model, optimizer, hooks, 5)
     assert logged == {3: {"precond/adaptive_refreshed": 4.0, "precond/adaptive_refreshed_total": 4.0}}
     hooks.close()
+
+
+def test_report_at_the_end_and_per_layer_patterns() -> None:
+    model = _model()
+    optimizer = SOAP(model.named_parameters())
+    hooks = PreconditionerHooks(optimizer, monitor_every=4, per_layer="2.*", names=model.named_parameters())
+    logged = _train(model, optimizer, hooks, 6)
+    assert sorted(logged) == [4]
+    assert {k for k in logged[4] if k.count("/") > 1} == {
+        f"precond/2.weight/{side}/{field}" for side in ("left", "right")
+        for field in ("staleness", "eigenvalue_staleness", "steps_since_refresh", "refresh_count",
+                      "failure_count", "refresh_seconds")
+    }
+    final = hooks.report(6)  # the steps after the last interval
+    assert final["precond/factors"] == FACTORS and "precond/2.weight/left/staleness" in final
+    assert hooks.report(6) == {}  # reported already
+    # Without an interval, report() is the only report.
+    quiet = PreconditionerHooks(optimizer)
+    assert quiet.on_step(7) == {} and quiet.report(7)["precond/factors"] == FACTORS
+    with pytest.raises(ValueError, match="step"):
+        quiet.report(-1)
+    with pytest.raises(ValueError, match="per_layer"):
+        PreconditionerHooks(optimizer, per_layer={"2.*": True})
 
 
 @pytest.mark.parametrize("name", names(has_basis=True))

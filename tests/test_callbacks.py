@@ -130,7 +130,7 @@ AGGREGATES = [
 def test_monitor_logs_per_layer_and_aggregates_to_csv(name: str, tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path)
     module = TinyModule(name, precondition_frequency=5)
-    _trainer([EigenStalenessMonitor(log_every_n_steps=4)], logger=logger).fit(module, _loader())
+    _trainer([EigenStalenessMonitor(log_every_n_steps=4, per_layer=True)], logger=logger).fit(module, _loader())
 
     rows = _csv_rows(logger)
     for key in PER_LAYER + AGGREGATES:
@@ -156,19 +156,51 @@ def test_monitor_logs_per_layer_and_aggregates_to_csv(name: str, tmp_path: Path)
         assert _rows_with(rows, "precond/net.0.weight/left/refresh_count")[12] == 3.0
 
 
-def test_monitor_aggregates_only(tmp_path: Path) -> None:
+def test_monitor_logs_aggregates_only_by_default(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path)
-    _trainer([EigenStalenessMonitor(log_every_n_steps=6, per_layer=False)], logger=logger).fit(TinyModule(), _loader())
+    _trainer([EigenStalenessMonitor(log_every_n_steps=6)], logger=logger).fit(TinyModule(), _loader())
     rows = _csv_rows(logger)
     assert sorted(_rows_with(rows, "precond/staleness_mean")) == [6, 12]
-    assert not any(key in rows[0] for key in PER_LAYER)
+    columns = {key for key in rows[0] if key.startswith("precond/")}
+    assert columns == set(AGGREGATES) | {"precond/skipped_steps_max", "precond/skipped_parameters"}
+
+
+def test_monitor_per_layer_by_pattern(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path)
+    monitor = EigenStalenessMonitor(log_every_n_steps=6, per_layer="net.2.*")
+    _trainer([monitor], logger=logger).fit(TinyModule(), _loader())
+    columns = {key for key in _csv_rows(logger)[0] if key.startswith("precond/net.")}
+    assert columns == {key for key in PER_LAYER if key.startswith("precond/net.2.weight/")}
+    with pytest.raises(ValueError, match="per_layer"):
+        EigenStalenessMonitor(per_layer=[])
+
+
+@pytest.mark.parametrize(
+    ("trainer_every", "monitor_every", "max_steps", "logged"),
+    [
+        (3, None, 12, [3, 6, 9, 12]),  # the Trainer's log_every_n_steps
+        (50, None, 5, [5]),  # a run shorter than the interval: the report at the end
+        (3, 5, 12, [5, 10, 12]),  # an explicit interval wins; the end is reported too
+        (0, None, 4, [4]),  # the Trainer logs no steps: only the end
+    ],
+)
+def test_monitor_follows_the_trainer_interval(
+    trainer_every: int, monitor_every: int | None, max_steps: int, logged: list[int], tmp_path: Path
+) -> None:
+    logger = CSVLogger(tmp_path)
+    monitor = EigenStalenessMonitor(monitor_every)
+    trainer = _trainer([monitor], logger=logger, max_steps=max_steps, log_every_n_steps=trainer_every)
+    trainer.fit(TinyModule(), _loader())
+    assert sorted(_rows_with(_csv_rows(logger), "precond/staleness_mean")) == logged
+    assert monitor.log_every_n_steps == (monitor_every or trainer_every or None)
+    assert monitor.last_logged_step == max_steps
 
 
 def test_monitor_logs_to_tensorboard(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path)
-    _trainer([EigenStalenessMonitor(log_every_n_steps=4)], logger=logger).fit(TinyModule(), _loader())
+    _trainer([EigenStalenessMonitor(log_every_n_steps=4, per_layer=True)], logger=logger).fit(TinyModule(), _loader())
 
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -247,7 +279,8 @@ def test_checkpoint_round_trip_continues_the_schedule(name: str, tmp_path: Path)
     first_monitor = EigenStalenessMonitor(log_every_n_steps=4)
     trainer = _trainer([first, first_monitor], logger=CSVLogger(tmp_path, name="a"), max_steps=6)
     trainer.fit(TinyModule(name, precondition_frequency=1), _loader())
-    assert (first.refresh_calls, first.last_refresh_step, first_monitor.last_logged_step) == (1, 4, 4)
+    # The monitor reported after step 4 and at the end of fit (step 6).
+    assert (first.refresh_calls, first.last_refresh_step, first_monitor.last_logged_step) == (1, 4, 6)
     checkpoint = tmp_path / "step6.ckpt"
     trainer.save_checkpoint(checkpoint)
     saved = torch.load(checkpoint, weights_only=False)["callbacks"]
@@ -335,6 +368,8 @@ def test_two_schedule_owners_are_rejected() -> None:
         (lambda: AdaptiveEigenbasisRefresh(method="svd"), "method"),
         (lambda: EigenStalenessMonitor(log_every_n_steps=0), "log_every_n_steps"),
         (lambda: EigenStalenessMonitor(log_every_n_steps=True), "log_every_n_steps"),
+        (lambda: EigenStalenessMonitor(per_layer=3), "per_layer"),
+        (lambda: EigenStalenessMonitor(per_layer=["net.*", 0]), "per_layer"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(make: Any, name: str) -> None:
@@ -425,6 +460,12 @@ def test_state_round_trip_of_the_cores() -> None:
     assert jumping.due(7) is True
     # ... but a fresh object does not replay the steps before its first call.
     assert StalenessReport(every=5).due(7) is False
+    # every=None: never due, reports only when asked; pending until the step is reported.
+    on_demand = StalenessReport(every=None)
+    assert not any(on_demand.due(s) for s in range(1, 20))
+    assert on_demand.pending(19) and not on_demand.pending(0)
+    with pytest.raises(ValueError, match="every"):
+        StalenessReport(every=0)
     adaptive = AdaptiveRefresh(check_every=2)
     adaptive.load_state_dict({"last_step": 10, "refreshed_total": 7, "refresh_calls": 3})
     assert adaptive.state_dict()["refreshed_total"] == 7 and adaptive.refresh_calls == 3
@@ -453,7 +494,7 @@ def test_metric_names_for_blocks_and_several_optimizers() -> None:
     cut.step()
     whole.step()
 
-    metrics = StalenessReport(every=1).collect([cut, whole])
+    metrics = StalenessReport(every=1, per_layer=True).collect([cut, whole])
     assert metrics["precond/optimizer0/factors"] == 8.0 and metrics["precond/optimizer1/factors"] == 2.0
     for b in range(4):
         assert f"precond/optimizer0/wide/block{b}/left/staleness" in metrics

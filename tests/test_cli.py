@@ -12,7 +12,7 @@ import typing
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, OptimizerCallable
 
 import lightning_precond as lp
 from lightning_precond.options import EngineOptionsDict
@@ -76,3 +76,36 @@ def test_a_bad_choice_is_refused_by_the_cli():
         LightningCLI(TinyModule, run=False, args=["--optimizer=lightning_precond.SOAP",
                                                    "--optimizer.refresh=sometimes"])
     assert "refresh" in err.getvalue()
+
+
+class GroupedModule(TinyModule):
+    """The LightningCLI pattern for param groups: the CLI's own ``--optimizer`` builds the
+    optimizer from ``self.parameters()``, so the module takes the optimizer as a callable
+    (``--model.optimizer=...``) and calls it on :func:`lightning_precond.param_groups`."""
+
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, vector_lr: float | None = None) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.vector_lr = vector_lr
+
+    def configure_optimizers(self):
+        vector = None if self.vector_lr is None else {"lr": self.vector_lr}
+        return self.optimizer(lp.param_groups(self, vector=vector))
+
+
+@pytest.mark.parametrize("name", ["SOAP", "Muon"])
+def test_lightning_cli_with_param_groups(tmp_path, name):
+    args = [
+        "fit", f"--model.optimizer=lightning_precond.{name}", "--model.optimizer.lr=0.01",
+        "--model.optimizer.max_preconditioner_dim=4", "--model.vector_lr=0.001",
+        "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    cli = LightningCLI(GroupedModule, args=args)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, getattr(lp, name)) and optimizer.options.max_preconditioner_dim == 4
+    assert [(g["role"], g["lr"], g["precondition"]) for g in optimizer.param_groups] == [
+        ("hidden", 0.01, True), ("vector", 0.001, False),
+    ]
+    assert cli.trainer.global_step == 3

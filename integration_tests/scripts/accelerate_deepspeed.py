@@ -46,7 +46,7 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    hooks = PreconditionerHooks(optimizer, monitor_every=2, names=names)
+    hooks = PreconditionerHooks(optimizer, monitor_every=2, per_layer=True, names=names)
     half = BATCH // world
     history: list[dict] = []
     loss = torch.tensor(float("nan"))

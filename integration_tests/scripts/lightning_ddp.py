@@ -37,7 +37,7 @@ def fit(name: str, args: argparse.Namespace, out: Path) -> None:
         strategy = "ddp" if args.devices > 1 else "auto"
     callbacks = []
     if registry.ALGORITHMS[name].has_basis:
-        callbacks = [EigenStalenessMonitor(log_every_n_steps=2),
+        callbacks = [EigenStalenessMonitor(log_every_n_steps=2, per_layer=True),
                      AdaptiveEigenbasisRefresh(tolerance=0.05, check_every=4)]
     trainer = L.Trainer(
         accelerator="cpu",

@@ -16,6 +16,7 @@ the refreshed-factor count) line up across ranks.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -473,47 +474,90 @@ _PER_FACTOR = (
 )
 
 
+PerLayer = bool | str | Sequence[str]
+
+
+def check_per_layer(per_layer: Any) -> bool | tuple[str, ...]:
+    """``per_layer`` as the report uses it: a bool, or a tuple of name patterns.
+
+    Raises:
+        ValueError: for anything but a bool, a pattern or a sequence of patterns.
+    """
+    if isinstance(per_layer, bool):
+        return per_layer
+    if isinstance(per_layer, str):
+        return (per_layer,)
+    if isinstance(per_layer, Sequence) and per_layer and all(isinstance(p, str) for p in per_layer):
+        return tuple(per_layer)
+    raise ValueError(
+        f"per_layer must be a bool, a parameter-name pattern or a non-empty list of patterns, got {per_layer!r}"
+    )
+
+
 class StalenessReport:
     """Every ``every`` optimizer steps, the preconditioner health as flat metrics.
 
     Names (``prefix`` is ``"precond"``; with several preconditioned optimizers it becomes
     ``"precond/optimizer<i>"``):
 
-    * per factor, when ``per_layer``: ``<prefix>/<param_name>/<side>/<field>`` for the fields
-      of :class:`~lightning_precond.FactorStats` (``staleness``, ``eigenvalue_staleness``,
-      ``steps_since_refresh``, ``refresh_count``, ``failure_count``, ``refresh_seconds``);
-      a parameter cut into several blocks gets ``<param_name>/block<b>/<side>/<field>``;
-    * aggregated: ``<prefix>/staleness_mean`` and ``_max``, ``eigenvalue_staleness_mean``
-      and ``_max``, ``steps_since_refresh_mean`` and ``_max``, ``refresh_count_total``,
-      ``failure_count_total``, ``refresh_seconds_total`` and ``factors``;
+    * aggregated (always): ``<prefix>/staleness_mean`` and ``_max``,
+      ``eigenvalue_staleness_mean`` and ``_max``, ``steps_since_refresh_mean`` and ``_max``,
+      ``refresh_count_total``, ``failure_count_total``, ``refresh_seconds_total`` and
+      ``factors``;
     * refused gradients (non-finite or overflowing; blocks and vectors, every algorithm):
       ``<prefix>/skipped_steps_max`` (the most any parameter was skipped) and
-      ``<prefix>/skipped_parameters`` (how many parameters were ever skipped).
+      ``<prefix>/skipped_parameters`` (how many parameters were ever skipped);
+    * per factor, when ``per_layer`` selects it: ``<prefix>/<param_name>/<side>/<field>`` for
+      the fields of :class:`~lightning_precond.FactorStats` (``staleness``,
+      ``eigenvalue_staleness``, ``steps_since_refresh``, ``refresh_count``,
+      ``failure_count``, ``refresh_seconds``); a parameter cut into several blocks gets
+      ``<param_name>/block<b>/<side>/<field>``. Six columns per factor: a 24-layer
+      transformer of width 768 has 480 factors (blocks of 1024), so about 2,900 columns with
+      ``per_layer=True``.
 
     ``refresh_seconds`` is, as the engine reports it, the duration of each factor's latest
     refresh, so ``refresh_seconds_total`` is the cost of one refresh of everything.
 
     Args:
-        every: optimizer steps between reports.
-        per_layer: also report every factor (else only the aggregates).
+        every: optimizer steps between reports; ``None``: only when :meth:`collect` is
+            called outside :meth:`due` (e.g. at the end of training).
+        per_layer: ``False`` (default): aggregates only; ``True``: also every factor; a
+            pattern or a list of patterns (:func:`fnmatch.fnmatchcase` on the parameter
+            name, ``*`` matching dots too, e.g. ``"blocks.0.*"``): also the factors of the
+            matching parameters.
 
     Raises:
-        ValueError: for ``every < 1``.
+        ValueError: for ``every < 1`` or an invalid ``per_layer``.
     """
 
-    def __init__(self, every: int = 50, per_layer: bool = True) -> None:
-        _check_int(every, "every", 1)
+    def __init__(self, every: int | None = 50, per_layer: PerLayer = False) -> None:
         self.every = every
-        self.per_layer = bool(per_layer)
+        self.per_layer = check_per_layer(per_layer)
         self.last_report_step = 0
         self._steps = _StepTracker()
+
+    @property
+    def every(self) -> int | None:
+        return self._every
+
+    @every.setter
+    def every(self, every: int | None) -> None:
+        if every is not None:
+            _check_int(every, "every", 1)
+        self._every = every
 
     def sync(self, step: int) -> None:
         self._steps.sync(step)
 
     def due(self, step: int) -> bool:
         """Whether a report is due after the optimizer step(s) up to ``step`` (call once per step)."""
-        return any(s % self.every == 0 for s in self._steps.new_steps(step))
+        new = self._steps.new_steps(step)
+        return self._every is not None and any(s % self._every == 0 for s in new)
+
+    def pending(self, step: int) -> bool:
+        """Whether optimizer steps up to ``step`` were taken since the last report (a final
+        report at the end of training is worth it)."""
+        return int(step) > self.last_report_step
 
     def collect(
         self,
@@ -544,13 +588,20 @@ class StalenessReport:
         self.last_report_step = int(state.get("last_report_step", 0))
 
 
-def _metrics(records: Sequence[FactorStats], prefix: str, per_layer: bool) -> dict[str, float]:
+def _selected(records: Sequence[FactorStats], per_layer: bool | tuple[str, ...]) -> list[FactorStats]:
+    if isinstance(per_layer, bool):
+        return list(records) if per_layer else []
+    return [r for r in records if any(fnmatch.fnmatchcase(r.param_name, p) for p in per_layer)]
+
+
+def _metrics(records: Sequence[FactorStats], prefix: str, per_layer: bool | tuple[str, ...]) -> dict[str, float]:
     out: dict[str, float] = {}
-    if per_layer:
+    layers = _selected(records, per_layer)
+    if layers:
         blocks_of: dict[str, set[str]] = {}
-        for r in records:
+        for r in layers:
             blocks_of.setdefault(r.param_name, set()).add(r.block_id)
-        for r in records:
+        for r in layers:
             name = "_".join(r.param_name.split())  # logger tags do not take whitespace
             if len(blocks_of[r.param_name]) > 1:
                 name += f"/block{r.block_id.split('.')[-1]}"
