@@ -263,10 +263,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     self.state[p] = zero_adamw_state(p)
 
     # ------------------------------------------------------------------ step
+    # torch.compile(opt.step), or a compiled training step that calls it, runs this eagerly:
+    # the step is host-side orchestration (plans, per-block counters, one host sync) around
+    # batched linear algebra, so tracing it gains nothing and its Python ints would recompile
+    # it at every step. The surrounding code (the model) is compiled as usual.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step: every check that can fail (gradients, group values, finiteness, on all
-        ranks) runs before any state or parameter changes."""
+        ranks) runs before any state or parameter changes. Under ``torch.compile`` it runs
+        eagerly (a graph break), giving the eager result."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
