@@ -145,7 +145,8 @@ class Muon(PreconditionedOptimizer):
 
     Whole matrices by default (``max_preconditioner_dim=None``), each orthogonalized by its
     owner rank; vectors, and groups with ``"precondition": False`` (embeddings, heads), take
-    AdamW with ``betas`` and ``eps``.
+    AdamW with ``betas`` and ``eps``. Muon keeps no Kronecker factors, so ``max_factor_dim``
+    (an identity side) does not apply and is refused.
 
     Example: ``Muon(model.parameters(), lr=1e-3)``
     """

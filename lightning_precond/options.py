@@ -30,8 +30,8 @@ class EngineOptionsDict(TypedDict, total=False):
     """The optimizer-wide keyword options of every preset.
 
     Args:
-        max_preconditioner_dim: Largest side of a block; larger dims are cut into blocks (None: whole matrices).
-        max_factor_dim: A dim of a parameter's matrix view above this gets no factor, an identity side, never cut into blocks (None: every side gets one); per group too.
+        max_preconditioner_dim: Largest side of a block; larger dims are cut into blocks (None: whole matrices); a param group may set its own.
+        max_factor_dim: A side of a parameter's matrix view longer than this gets no factor: an identity side, not cut into blocks (None: every side gets one); a param group may set its own.
         preconditioner_dtype: Dtype of factors, bases and moments (None: float32, or float64 for float64 parameters).
         refresh: "periodic": refresh every precondition_frequency steps; "adaptive": when stale.
         refresh_method: How bases are refreshed (None: the algorithm's own).
@@ -85,16 +85,17 @@ def check_tolerance(value: Any, name: str) -> None:
 class EngineOptions:
     """Optimizer-wide options (see :class:`EngineOptionsDict` for their meaning).
 
-    ``max_factor_dim``'s default, 16384, was chosen by measurement (README, "Large
-    dimensions"): every hidden matrix of a 768-8192 wide model, and its MLP up to 4 x 4096,
-    keeps both factors; vocabularies from 32k get an identity side, which bounds SOAP's state
-    of ``Embedding(50000, 64)`` at 2.0x its weights instead of 34x.
+    ``max_factor_dim``'s default, 30000, was chosen by measurement (README, "Large
+    dimensions"; ``benchmarks/large_dims.py``): every hidden and MLP matrix of the common
+    768-8192 wide models (up to Llama-3-70B's 8192 x 28672) keeps both factors, and every
+    common vocabulary (30522 and up) gets an identity side, which takes SOAP's state of
+    ``Embedding(50000, 64)`` from 34x its weights to 2.0x and its first step from 22 s to 0.3 s.
     """
 
     NO_LIMIT: ClassVar[int] = 2**62  # max_preconditioner_dim=None: whole matrices
 
     max_preconditioner_dim: int | None = 1024
-    max_factor_dim: int | None = 16384
+    max_factor_dim: int | None = 30000
     preconditioner_dtype: torch.dtype | None = None
     refresh: str = "periodic"
     refresh_method: str | None = None

@@ -46,7 +46,7 @@ def assert_trajectory(ours, theirs, rtol: float) -> None:
 
 # ---------------------------------------------------------------------------- the plan
 def test_a_dim_above_max_factor_dim_is_an_identity_side_and_is_not_cut():
-    limits = PlanLimits(max_dim=1024, max_factor_dim=16384)
+    limits = PlanLimits(max_dim=1024, max_factor_dim=16384)  # any limit: the rule, not the default
     plan = plan_blocks([(50000, 64), (64, 50000), (50000, 4096), (8192, 3072), (20000, 20000)], [0] * 5, limits)
     by_param = [plan.blocks_of(i) for i in range(5)]
     assert [(b.shape, b.identity) for b in by_param[0]] == [((50000, 64), ("left",))]
@@ -60,13 +60,15 @@ def test_a_dim_above_max_factor_dim_is_an_identity_side_and_is_not_cut():
 
 
 def test_the_default_keeps_hidden_matrices_whole_and_gives_vocabularies_an_identity_side():
-    """Widths 768-8192 and their 4x MLPs up to 16384 keep both factors (blocked as before);
-    vocabularies of 32k and more get an identity side on the vocabulary dim."""
+    """Hidden and MLP matrices of 768-8192 wide models (up to Llama-3-70B's 8192 x 28672)
+    keep both factors (blocked as before); vocabularies from BERT's 30522 up get an identity
+    side on the vocabulary dim."""
     defaults = EngineOptions()
     limits = PlanLimits(defaults.block_limit, defaults.max_factor_dim)
-    hidden = [(768, 768), (768, 3072), (3072, 768), (4096, 11008), (4096, 16384), (8192, 8192)]
-    vocab = [(32000, 4096), (50257, 768), (128256, 8192), (50000, 64)]
-    plan = plan_blocks(hidden + vocab, [0] * 10, limits)
+    hidden = [(768, 768), (768, 3072), (3072, 768), (4096, 11008), (4096, 16384), (8192, 8192), (8192, 28672),
+              (28672, 8192)]
+    vocab = [(30522, 768), (32000, 4096), (50257, 768), (128256, 8192), (50000, 64)]
+    plan = plan_blocks(hidden + vocab, [0] * len(hidden + vocab), limits)
     for i, shape in enumerate(hidden):
         assert all(b.identity == () for b in plan.blocks_of(i)), shape
     for i, shape in enumerate(vocab, start=len(hidden)):
@@ -250,8 +252,8 @@ def test_plan_options_per_group_override_the_optimizer_wide_ones():
     assert shapes[2] == [((20, 20), ())]
     tags = [g["lp_block_plan"] for g in opt.state_dict()["param_groups"]]
     assert tags == ["max_preconditioner_dim=8, max_factor_dim=32, precondition_1d=False",
-                    "max_preconditioner_dim=8, max_factor_dim=16384, precondition_1d=False",
-                    "max_preconditioner_dim=None, max_factor_dim=16384, precondition_1d=False"]
+                    "max_preconditioner_dim=8, max_factor_dim=30000, precondition_1d=False",
+                    "max_preconditioner_dim=None, max_factor_dim=30000, precondition_1d=False"]
 
 
 @pytest.mark.parametrize("key, value", [("max_factor_dim", 0), ("max_factor_dim", 2.5),
