@@ -233,7 +233,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if plan.blocks[: len(keep)] != self._planned_blocks:
             raise RuntimeError(
                 "the blocks of parameters planned before add_param_group changed (was a group's "
-                "'precondition' edited after the first step?); existing blocks must keep their plan"
+                "'precondition' edited after the first step, or its 'max_preconditioner_dim' or "
+                "'max_factor_dim'?); existing blocks must keep their plan"
             )
         owners = router.setup(params, plan, keep)
         self._planned, self._group_of, self._shapes = planned, group_of, global_shapes
@@ -278,11 +279,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
-        self._check_plan_unchanged()
         self._setup()
         configs = [self._config(gi) for gi in range(len(self._groups()))]
         assert self._router is not None
         self._check_params_unchanged()
+        self._check_plan_unchanged()
         self._steps_taken += 1
         self._router.begin_step(self.param_groups)
         try:
