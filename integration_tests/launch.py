@@ -74,3 +74,16 @@ def case_results(out: str | Path, case: str, world_size: int, failure: str) -> l
 
         pytest.fail(f"{case}: no result from every rank; the launch failed:\n{failure[-6000:] or '(no error)'}")
     return [torch.load(f, weights_only=False) for f in files]
+
+
+def dcp_block_files(checkpoint_dir: str | Path) -> dict[str, set[str]]:
+    """For a torch.distributed.checkpoint directory: the data files (one per saving rank)
+    that hold the block state of our optimizers, by block key (``...block<b>.<tensor>``)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    files: dict[str, set[str]] = {}
+    for index, info in metadata.storage_data.items():
+        if ".block" in index.fqn:
+            files.setdefault(index.fqn, set()).add(info.relative_path)
+    return files

@@ -49,6 +49,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from integration_tests.launch import dcp_block_files
 from integration_tests.test_ddp import flat_params, single_thread, train_like_ddp
 from integration_tests.test_fsdp import _Slice16, make_model, reference
 from lightning_precond.registry import ALGORITHMS as REGISTERED
@@ -138,6 +139,10 @@ def check_resume(runs: Runs, version: int, algorithm: str, state_dict_type: str,
         assert {"optimizer.bin", "pytorch_model_fsdp.bin"} <= files, files
     else:
         assert {"optimizer_0", "pytorch_model_fsdp_0"} <= files, files
+        if version == 2 and algorithm != "AdamW" and REGISTERED[algorithm].has_basis:
+            # FSDP2 SHARDED_STATE_DICT: each block written once, by its owner (both ranks' files).
+            blocks = dcp_block_files(saved / "state" / "optimizer_0")
+            assert blocks and len(set().union(*blocks.values())) == 2, blocks
     full_dir = uninterrupted(runs, version, algorithm, device_placement)
     full = flat(torch.load(full_dir / "params.pt"))
     resumed_dir = runs.run(*base, "--steps", str(STEPS), "--resume", str(saved / "state"), *load_flags)

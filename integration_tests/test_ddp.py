@@ -55,18 +55,24 @@ def train_like_ddp(model, opt, steps: range, world: int) -> None:
     (SOAP's Adam-in-basis amplifies rounding differences in near-null directions of
     rank-deficient factors, so the 1-process reference must see the same gradient bits.)
     """
-    per_rank = BATCH // world
     for step in steps:
-        x, y = batch(step)
-        grads = []
-        for rank in range(world):
-            model.zero_grad()
-            part = slice(rank * per_rank, (rank + 1) * per_rank)
-            ((model(x[part]) - y[part]) ** 2).mean().backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        for p, *per_rank_grads in zip(model.parameters(), *grads):
-            p.grad = sum(g / world for g in per_rank_grads)
+        for p, grad in zip(model.parameters(), ddp_gradients(model, step, world)):
+            p.grad = grad
         opt.step()
+
+
+def ddp_gradients(model, step: int, world: int) -> list[torch.Tensor]:
+    """The mean over ``world`` ranks of each rank's gradient on its slice of the batch, summed
+    in rank order (leaves ``model``'s own gradients set to the last rank's)."""
+    per_rank = BATCH // world
+    x, y = batch(step)
+    grads = []
+    for rank in range(world):
+        model.zero_grad()
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        ((model(x[part]) - y[part]) ** 2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return [sum(g / world for g in per_rank_grads) for per_rank_grads in zip(*grads)]
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from integration_tests.launch import launch, running
 from integration_tests.test_ddp import BATCH, batch, flat_params, owned_blocks, single_thread, train_like_ddp
 from integration_tests.test_fsdp import STEPS, make_model
 from lightning_precond.registry import ALGORITHMS, names
+from lightning_precond.checkpoints import deepspeed_shards, load_shards
 
 RESUME_AT = 10
 
@@ -218,15 +219,15 @@ def reference(name: str) -> torch.Tensor:
     return flat_params(model)
 
 
-def resumed_in_one_process(client_state: dict) -> tuple[dict, torch.Tensor]:
+def resumed_in_one_process(shards: list[dict]) -> tuple[dict, torch.Tensor]:
     """SOAP for RESUME_AT steps in one process (returns those weights), then a new optimizer
-    loading ``client_state`` continues to STEPS (returns the final flat parameters)."""
+    loading every rank's ``shards`` continues to STEPS (returns the final flat parameters)."""
     model = make_model()
     with single_thread():
         train_like_ddp(model, ALGORITHMS["SOAP"].build(param_groups(model)), range(RESUME_AT), 2)
         at_resume = {k: v.clone() for k, v in model.state_dict().items()}
         opt = ALGORITHMS["SOAP"].build(param_groups(model))
-        opt.load_state_dict(client_state)
+        load_shards(opt, shards)
         train_like_ddp(model, opt, range(RESUME_AT, STEPS), 2)
     return at_resume, flat_params(model)
 
@@ -266,23 +267,20 @@ def test_zero_stage_equals_one_process(stage, tmp_path):
     for r in ranks:
         assert torch.equal(r["resumed"], r["SOAP"]), f"ZeRO-{stage}: resumed run differs"
 
-    # The client state inside DeepSpeed's per-rank files is the one-process format, the same
-    # on every rank: it resumes a single process too.
+    # Each rank's file holds only the blocks it owns and its own fragments of the vectors
+    # (disk = 1x the state); together they resume a single process (lightning_precond.load_shards).
     files = sorted((tmp_path / "ckpt" / "t").glob("*optim_states.pt"))
     assert len(files) == 2
-    states = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
-    key = "base_optimizer_state" if stage < 3 else "optimizer_state_dict"
-    client = [s[key] for s in states]
+    client = list(deepspeed_shards(tmp_path / "ckpt", "t"))
     assert client[0]["param_groups"][0]["params"] == [0, 1, 2, 3]
-    assert client[0]["state"].keys() == client[1]["state"].keys()
-    for index, entry in client[0]["state"].items():
-        other = client[1]["state"][index]
-        for name, part in entry.items():  # "adamw" or "block{b}": dicts of tensors
-            assert part.keys() == other[name].keys() and all(torch.equal(part[k], other[name][k]) for k in part)
-    bias = client[0]["state"][4]["adamw"]  # first vector: AdamW state shaped like the parameter
-    assert bias["exp_avg"].shape == (23,) and int(bias["step"]) == RESUME_AT
-    assert "factor_left" in client[0]["state"][0]["block0"]
-    at_resume, single = resumed_in_one_process(client[0])
+    blocks = [{(index, key) for index, entry in c["state"].items() for key in entry if key.startswith("block")}
+              for c in client]
+    assert blocks[0] and blocks[1] and not blocks[0] & blocks[1] and len(blocks[0] | blocks[1]) == 4
+    fragments = [{index for index, entry in c["state"].items() if "adamw_fragment" in entry} for c in client]
+    assert fragments[0] | fragments[1] == {4, 5, 6, 7}  # every bias, in pieces
+    assert all(int(c["state"][i]["adamw_fragment"]["step"]) == RESUME_AT for c in client for i in c["state"]
+               if "adamw_fragment" in c["state"][i])
+    at_resume, single = resumed_in_one_process(client)
     assert _relative(single, ranks[0]["SOAP"]) <= 1e-5
     # DeepSpeed's own fp32 export still reads these checkpoints.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

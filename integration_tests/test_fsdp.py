@@ -263,15 +263,17 @@ def test_fsdp1_resumes_a_one_process_dcp_checkpoint(tmp_path):
 
 
 def _fsdp1_consolidated_worker(rank: int, world: int, out: str) -> None:
-    """Outside FSDP's API: consolidate_state_dict() makes state_dict() complete on every rank."""
+    """Outside FSDP's API: consolidate_state_dict() makes state_dict() complete on rank 0, which
+    saves it; every rank loads that file (Lightning's way)."""
     model = _fsdp1(make_model())
     opt = ALGORITHMS["SOAP"].build(model.parameters(), distributed=model)
     train_shard(model, opt, range(STEPS // 2), rank, world)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     opt.consolidate_state_dict()
-    saved_opt = opt.state_dict()
     if rank == 0:
-        torch.save(saved_opt, Path(out) / "consolidated.pt")
+        torch.save(opt.state_dict(), Path(out) / "consolidated.pt")
+    dist.barrier()
+    saved_opt = torch.load(Path(out) / "consolidated.pt", weights_only=True)
     resumed_model = _fsdp1(make_model())
     resumed_opt = ALGORITHMS["SOAP"].build(resumed_model.parameters(), distributed=resumed_model)
     resumed_model.load_state_dict(saved_model)

@@ -30,8 +30,10 @@ def _worker(rank: int, world: int, algorithms: list[str], out: str) -> None:
             opt = ALGORITHMS[name].build(model.parameters(), **OPTIONS)
             train(DistributedDataParallel(_Slice16(model)), opt, range(STEPS), rank, world)
             identity = sorted({b.identity for b in opt._plan.blocks})
+            saved = opt.state_dict()  # the full form: a collective, complete on rank 0 (blocks streamed there)
             save_case(out, f"{name}.ddp", rank, {"params": flat_params(model), "identity": identity,
-                                                 "world": dist.get_world_size()})
+                                                 "world": dist.get_world_size(),
+                                                 "checkpoint": saved if rank == 0 else None})
         with running(f"{name} fsdp2"):
             model = make_model()
             for layer in model:
@@ -66,3 +68,16 @@ def test_identity_sides_across_two_ranks_equal_one_process(name, backend, tolera
     for r in ranks:
         rel = (torch.linalg.norm(r["params"] - single) / torch.linalg.norm(single)).item()
         assert rel <= tolerance, f"{name} {backend}: relative difference {rel:.2e}"
+    if backend == "ddp":
+        # The 2-rank full checkpoint holds every block with its own sides' state, and loads
+        # into one process; its block state is the one-process state.
+        saved = ranks[0]["checkpoint"]
+        ours = opt.state_dict()
+        blocks = {(i, k): v for i, entry in saved["state"].items() for k, v in entry.items() if k.startswith("block")}
+        assert blocks.keys() == {(i, k) for i, entry in ours["state"].items() for k in entry if k.startswith("block")}
+        for (i, k), state in blocks.items():
+            assert state.keys() == ours["state"][i][k].keys()
+            for field, value in state.items():
+                if value.is_floating_point():
+                    torch.testing.assert_close(value, ours["state"][i][k][field], rtol=1e-4, atol=1e-6)
+        ALGORITHMS[name].build(make_model().parameters(), **OPTIONS).load_state_dict(saved)

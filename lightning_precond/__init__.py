@@ -2,6 +2,7 @@
 Lightning and Accelerate, with preconditioner state sharded across ranks by whole blocks."""
 
 from .engine import FactorStats, PreconditionedOptimizer, RefreshedFactor
+from .engine.shards import sharded_state_dict
 from .optimizers import KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Muon, Shampoo
 from .options import EngineOptions, EngineOptionsDict
 
@@ -17,6 +18,7 @@ __all__ = [
     "EngineOptionsDict",
     "FactorStats",
     "RefreshedFactor",
+    "sharded_state_dict",
 ]
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 import torch
 
-from .algorithms.base import check_positive_int
+from .algorithms.base import check_nonnegative, check_positive_int
 from .algorithms.eigenbasis import REFRESH_METHODS
 
 __all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_dim_limit",
@@ -48,6 +48,7 @@ class EngineOptionsDict(TypedDict, total=False):
         fused: torch.optim's flag: None or False only (no fused kernel).
         capturable: torch.optim's flag: False only (no CUDA-graph capture).
         differentiable: torch.optim's flag: False only (step() is not differentiable).
+        checkpoint_timeout: Seconds a rank waits for the others to join a full state_dict() before raising.
     """
 
     max_preconditioner_dim: int | None
@@ -68,6 +69,7 @@ class EngineOptionsDict(TypedDict, total=False):
     fused: bool | None
     capturable: bool
     differentiable: bool
+    checkpoint_timeout: float
 
 
 def check_dim_limit(value: Any, name: str) -> None:
@@ -112,6 +114,7 @@ class EngineOptions:
     fused: bool | None = None
     capturable: bool = False
     differentiable: bool = False
+    checkpoint_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         check_dim_limit(self.max_preconditioner_dim, "max_preconditioner_dim")
@@ -138,6 +141,7 @@ class EngineOptions:
                 "communication_dtype must be None or a floating dtype (float32, float64, bfloat16, "
                 f"float16), got {self.communication_dtype}"
             )
+        check_nonnegative(self.checkpoint_timeout, "checkpoint_timeout")
         if isinstance(self.distributed, str) and self.distributed != "auto":
             raise ValueError(
                 f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"

@@ -78,11 +78,14 @@ class KroneckerFactors:
     def eigenvalues(self, side: str) -> Tensor | None:
         return self.eigenvalues_left if side == "left" else self.eigenvalues_right
 
+    # Stored contiguous: eigh's descending order is a flipped view and LAPACK returns
+    # column-major Q, and matmuls round differently by layout, so a live basis and the
+    # contiguous copy a checkpoint restores would diverge in the last bits.
     def set_basis(self, side: str, basis: Tensor) -> None:
-        setattr(self, f"basis_{side}", basis)
+        setattr(self, f"basis_{side}", basis.contiguous())
 
     def set_eigenvalues(self, side: str, values: Tensor) -> None:
-        setattr(self, f"eigenvalues_{side}", values)
+        setattr(self, f"eigenvalues_{side}", values.contiguous())
 
     def to_basis(self, x: Tensor) -> Tensor:
         """``Q_L^T X Q_R`` (an identity side leaves that product out)."""

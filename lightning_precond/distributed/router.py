@@ -10,6 +10,7 @@ decided in :mod:`lightning_precond.distributed.detect`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ class CheckpointLayout:
     # ``(param_index, flat_start, numel)`` of the pieces of vectors held here, where the
     # backend shards vectors (FSDP1 views, ZeRO fragments); empty where vectors are whole.
     vector_pieces: tuple[tuple[int, int, int], ...] = ()
+    # DeepSpeed ZeRO: the framework writes every rank's state_dict() to its own file and
+    # hands each rank its own file back, so state_dict() is the rank's shard by default.
+    per_rank_files: bool = False
 
 
 class Router:
@@ -114,6 +118,25 @@ class Router:
         """Concatenate every rank's ``items`` on every rank (identity in one process)."""
         return list(items)
 
+    # -- checkpoint transport: to one rank only (never the whole state to every rank) ------
+    def gather_objects_to(self, items: list[Any], dst: int) -> list[Any] | None:
+        """Every rank's ``items`` concatenated on rank ``dst``; ``None`` elsewhere."""
+        return list(items)
+
+    def send_to(self, tensor: Tensor, dst: int) -> None:
+        raise RuntimeError("one process has no other rank to send to")
+
+    def receive_from(self, tensor: Tensor, src: int) -> None:
+        raise RuntimeError("one process has no other rank to receive from")
+
+    def transport_device(self, device: torch.device) -> torch.device:
+        """Where tensors sent between ranks must live for this backend."""
+        return device
+
+    def wait_for_every_rank(self, key: str, timeout: float, hint: str) -> None:
+        """Return once every rank has called this with ``key``; raise ``RuntimeError`` with
+        ``hint`` after ``timeout`` seconds (a rank that will never join a collective)."""
+
 
 def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:
     return param.view(shape) if param.is_contiguous() else param.reshape(shape)
@@ -139,6 +162,42 @@ class GroupCollectives:
         values = values.clone()
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=self.group)
         return values
+
+    def gather_objects_to(self, items: list[Any], dst: int) -> list[Any] | None:
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(items, gathered, group=self.group, group_dst=dst)
+        return None if gathered is None else [item for part in gathered for item in part]
+
+    def send_to(self, tensor: Tensor, dst: int) -> None:
+        torch.distributed.send(tensor, group=self.group, group_dst=dst)
+
+    def receive_from(self, tensor: Tensor, src: int) -> None:
+        torch.distributed.recv(tensor, group=self.group, group_src=src)
+
+    def transport_device(self, device: torch.device) -> torch.device:
+        backend = str(torch.distributed.get_backend(self.group))
+        return device if "nccl" in backend else torch.device("cpu")
+
+    def wait_for_every_rank(self, key: str, timeout: float, hint: str) -> None:
+        # Through the rendezvous store (not a collective), so a rank that calls alone learns
+        # it at once instead of blocking until the process-group timeout.
+        try:
+            store = torch.distributed.distributed_c10d._get_default_store()
+        except Exception:  # no default store (a custom launcher): the collective itself waits
+            return
+        key = f"lightning_precond/{key}"
+        deadline = time.monotonic() + timeout
+        arrived = store.add(key, 1)
+        pause = 0.001
+        while arrived < self.world_size:
+            if time.monotonic() > deadline:
+                store.add(key, -1)  # withdrawn: a later call by every rank starts clean
+                raise RuntimeError(
+                    f"rank {self.rank}: only {arrived} of {self.world_size} ranks joined within {timeout:g} s; {hint}"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+            arrived = store.add(key, 0)
 
 
 class LocalRouter(Router):

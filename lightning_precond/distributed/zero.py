@@ -400,9 +400,11 @@ class ZeroRouter(GroupCollectives, Router):
         ]
 
     def checkpoint_layout(self) -> CheckpointLayout:
-        """Vectors are held as fragments: ``(param_index, flat_start, numel)`` of each one here."""
+        """Vectors are held as fragments (``(param_index, flat_start, numel)`` of each one
+        here), and DeepSpeed saves every rank's state_dict() to that rank's own file."""
         return CheckpointLayout(
-            vector_pieces=tuple((f.param_index, f.flat_start, f.numel) for unit in self._diagonal for f in unit)
+            vector_pieces=tuple((f.param_index, f.flat_start, f.numel) for unit in self._diagonal for f in unit),
+            per_rank_files=True,
         )
 
     def end_step(self) -> None:

@@ -21,12 +21,14 @@ import torch
 from torch import Tensor
 
 from ..blocks import Block
+from ..distributed.router import CheckpointLayout
+from . import shards
 from .buckets import RECORD_FIELDS, BlockRecord, new_record
 
 if TYPE_CHECKING:
     from .optimizer import PreconditionedOptimizer
 
-__all__ = ["Consolidated", "state_dict", "load_state_dict", "consolidate", "FORMAT_VERSION"]
+__all__ = ["Consolidated", "state_dict", "load_state_dict", "consolidate", "FORMAT_VERSION", "FRAGMENT_KEY"]
 
 # Tags written into every saved param group (DCP's and FSDP's state-dict APIs rebuild
 # ``{state, param_groups}`` and drop other top-level keys). Checkpoints without them are v0.
@@ -34,18 +36,22 @@ FORMAT_VERSION = 1
 TAG_ALGORITHM = "lp_algorithm"
 TAG_FORMAT = "lp_format"
 TAG_BLOCK_PLAN = "lp_block_plan"
-TAGS = (TAG_ALGORITHM, TAG_FORMAT, TAG_BLOCK_PLAN)
+TAGS = (TAG_ALGORITHM, TAG_FORMAT, TAG_BLOCK_PLAN, shards.SHARD_TAG)
+# A ZeRO shard's piece of a vector's AdamW state: ``flat_start`` and the flat moments.
+FRAGMENT_KEY = "adamw_fragment"
 
 BlockEntry = tuple[int, str, dict[str, Tensor]]  # (param_index, "block{b}", state)
 
 
 @dataclass
 class Consolidated:
-    """Every rank's state collected by ``consolidate_state_dict`` at step ``steps``: blocks,
-    and whole vectors where the backend shards them (FSDP1)."""
+    """The complete state assembled by ``consolidate_state_dict(to=writer)`` at step ``steps``:
+    on the writer, every block, and whole vectors where the backend shards them (FSDP1,
+    ZeRO); on the other ranks nothing (``blocks is None``)."""
 
     steps: int
-    blocks: list[BlockEntry]
+    writer: int
+    blocks: list[BlockEntry] | None
     vectors: dict[int, dict[str, Tensor]] | None
 
 
@@ -100,11 +106,14 @@ def owned_blocks(opt: PreconditionedOptimizer) -> list[BlockEntry]:
     return out
 
 
-def all_blocks(opt: PreconditionedOptimizer) -> list[BlockEntry]:
-    owned = owned_blocks(opt)
-    if opt._router is None or opt._router.world_size == 1:
-        return owned
-    return opt._router.gather_objects(owned)
+def blocks_to(opt: PreconditionedOptimizer, writer: int) -> list[BlockEntry] | None:
+    """Every block, packed, on ``writer``; ``None`` elsewhere (a collective, streamed)."""
+    if opt._router is None:
+        return []
+    sides = opt.algorithm.sides
+    packed = [pack_block(block, record, tensors, block.factored(sides))
+              for block, record, tensors in shards.stream_blocks_to(opt, writer)]
+    return packed if opt._router.rank == writer else None
 
 
 # ---------------------------------------------------------------------------- vectors
@@ -123,18 +132,30 @@ def assemble_vectors(opt: PreconditionedOptimizer, pieces: Iterable[tuple[int, i
     return state
 
 
-def whole_vector_states(opt: PreconditionedOptimizer) -> dict[int, tuple[bool, dict[str, Tensor]]]:
-    """Every vector's AdamW state assembled from the pieces the ranks hold (a collective),
-    with whether this rank holds the vector's first element."""
+def vector_pieces_held(opt: PreconditionedOptimizer) -> list[tuple[int, int, dict[str, Tensor]]]:
+    """``(param_index, flat_start, AdamW state)`` of the pieces of vectors this rank holds,
+    where the backend shards vectors: FSDP1's views, ZeRO's fragments."""
+    if opt._flat_partitions():
+        return [
+            (index, start, {name: t.detach().clone() for name, t in state.items()})
+            for index, (start, state) in sorted(opt._fragment_state.items())
+        ]
     assert opt._router is not None
     index_of = {id(p): i for i, p in enumerate(opt._all_params())}
     starts = {index: start for index, start, _ in opt._router.checkpoint_layout().vector_pieces}
     held = ((index_of.get(id(p)), state) for p, state in opt.state.items() if state)
-    mine = [
+    return [
         (index, starts[index], {n: t.detach().clone() for n, t in state.items()})
         for index, state in held
         if index in starts
     ]
+
+
+def whole_vector_states(opt: PreconditionedOptimizer) -> dict[int, tuple[bool, dict[str, Tensor]]]:
+    """FSDP1's API path: every vector's AdamW state on every rank (a collective; FSDP's own
+    API gathers state to every rank anyway), with whether this rank holds its first element."""
+    assert opt._router is not None
+    mine = vector_pieces_held(opt)
     first_here = {index for index, start, _ in mine if start == 0}
     return {
         index: (index in first_here, entry)
@@ -142,47 +163,123 @@ def whole_vector_states(opt: PreconditionedOptimizer) -> dict[int, tuple[bool, d
     }
 
 
-def partitioned_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
-    """``state_dict()``'s param groups and vector state where the backend holds flat fragments."""
-    assert opt._planned is not None and opt._router is not None
+def vectors_to(opt: PreconditionedOptimizer, writer: int) -> dict[int, dict[str, Tensor]] | None:
+    """Whole vectors assembled from the ranks' pieces on ``writer`` only (a collective)."""
+    assert opt._router is not None
+    pieces = opt._router.gather_objects_to(vector_pieces_held(opt), writer)
+    return None if pieces is None else assemble_vectors(opt, pieces)
+
+
+def partitioned_groups(opt: PreconditionedOptimizer) -> list[dict[str, Any]]:
+    """The param groups as ``torch.optim`` saves them, where the backend hands ``step()`` flat
+    partitions (ZeRO): indices of the planned parameters."""
+    assert opt._planned is not None
     groups, first = [], 0
     for group, params in zip(opt._groups(), opt._planned):
         packed = {key: value for key, value in group.items() if key != "params"}
         packed["params"] = list(range(first, first + len(params)))
         first += len(params)
         groups.append(packed)
-    mine = [
-        (index, start, {name: t.detach().clone() for name, t in state.items()})
-        for index, (start, state) in sorted(opt._fragment_state.items())
-    ]
-    state = assemble_vectors(opt, opt._router.gather_objects(mine))
-    return {"state": state, "param_groups": groups}
+    return groups
 
 
 # ---------------------------------------------------------------------------- save
-def consolidate(opt: PreconditionedOptimizer) -> Consolidated:
+def consolidate(opt: PreconditionedOptimizer, writer: int = 0) -> Consolidated:
+    """The complete state on ``writer`` only (a collective where there are several ranks)."""
+    router = opt._router
+    if router is not None and router.world_size > 1:
+        router.wait_for_every_rank(
+            f"state_dict/{plan_signature(opt)}/{opt._checkpoint_calls}", opt.options.checkpoint_timeout,
+            "assembling the complete state dict is a collective (each rank holds only the blocks it owns): "
+            "call opt.consolidate_state_dict() on EVERY rank before `if rank == 0: opt.state_dict()`, or "
+            "call state_dict() on every rank, or save each rank's shard with torch.distributed.checkpoint "
+            "(get_optimizer_state_dict + dcp.save)",
+        )
+        opt._checkpoint_calls += 1
     vectors = None
-    if opt._router is not None and opt._router.checkpoint_layout().rank_local:
-        vectors = {index: entry for index, (_, entry) in whole_vector_states(opt).items()}
-    return Consolidated(opt._steps_taken, all_blocks(opt), vectors)
+    # Where vectors are held in pieces (FSDP1's sharded views, ZeRO's fragments); decided the
+    # same on every rank (a rank may hold no piece), as every collective must be.
+    if router is not None and (router.checkpoint_layout().rank_local or opt._flat_partitions()):
+        vectors = vectors_to(opt, writer)
+    return Consolidated(opt._steps_taken, writer, blocks_to(opt, writer), vectors)
+
+
+def plan_signature(opt: PreconditionedOptimizer) -> str:
+    """The same on every rank for one optimizer (names the rendezvous of its collectives)."""
+    plan = opt._plan
+    if plan is None:
+        return "unplanned"
+    return f"{len(plan.blocks)}x{hash(tuple(block.shape for block in plan.blocks)) & 0xFFFFFFFF:08x}"
 
 
 def state_dict(opt: PreconditionedOptimizer, consolidated: Consolidated | None) -> dict[str, Any]:
-    """See :meth:`PreconditionedOptimizer.state_dict`."""
-    base = torch.optim.Optimizer.state_dict
-    rank_local = opt._router is not None and opt._router.checkpoint_layout().rank_local
-    if rank_local and consolidated is None:
+    """See :meth:`PreconditionedOptimizer.state_dict` and :mod:`.shards`."""
+    router = opt._router
+    layout = router.checkpoint_layout() if router is not None else CheckpointLayout()
+    world = router.world_size if router is not None else 1
+    if layout.rank_local and consolidated is None:
         # FSDP1's API consolidates: this rank's blocks, and the vectors whose first element it holds.
-        packed = base(opt)
+        packed = torch_packed(opt)
         whole = whole_vector_states(opt)
         vectors = {index: entry for index, (holds_first, entry) in whole.items() if holds_first}
-        blocks = owned_blocks(opt)
+        return assemble(opt, packed, vectors, owned_blocks(opt))
+    if consolidated is None and router is not None and shards.wants_sharded(opt, layout):
+        return sharded_state_dict(opt)
+    if consolidated is None or consolidated.steps != opt._steps_taken:
+        consolidated = consolidate(opt, 0 if consolidated is None else consolidated.writer)
+    if consolidated.blocks is None:
+        # Not the writer: no block, a dict that refuses to be saved or loaded, and the vectors
+        # as references (FSDP2's DTensors: DCP's full-state-dict path gathers them on every
+        # rank, so every rank must hand them over).
+        assert router is not None
+        packed = torch_packed(opt)
+        partial = assemble(opt, packed, packed["state"], [])
+        for group in partial["param_groups"]:
+            group[shards.SHARD_TAG] = shards.partial_message(router.rank, consolidated.writer, world)
+        return partial
+    packed = torch_packed(opt)
+    vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
+    return assemble(opt, packed, vectors, consolidated.blocks)
+
+
+def sharded_state_dict(opt: PreconditionedOptimizer) -> dict[str, Any]:
+    """This rank's shard: its blocks, its vectors (whole where they are replicated, DTensors
+    under FSDP2, fragments under ZeRO), and ``{}`` for every other parameter."""
+    assert opt._router is not None
+    packed = torch_packed(opt)
+    if opt._flat_partitions():
+        vectors = {
+            index: {"flat_start": torch.tensor(start, dtype=torch.int64), **state}
+            for index, start, state in vector_pieces_held(opt)
+        }
+        out = assemble(opt, packed, {}, owned_blocks(opt))
+        for index, fragment in vectors.items():
+            out["state"].setdefault(index, {})[FRAGMENT_KEY] = fragment
     else:
-        if consolidated is None or consolidated.steps != opt._steps_taken:
-            consolidated = consolidate(opt)
-        packed = partitioned_state_dict(opt) if opt._flat_partitions() else base(opt)
-        vectors = packed["state"] if consolidated.vectors is None else consolidated.vectors
-        blocks = consolidated.blocks
+        out = assemble(opt, packed, packed["state"], owned_blocks(opt))
+    for index in range(len(opt._all_params())):
+        out["state"].setdefault(index, {})
+    if shards.dcp_call() is None:
+        # Tagged where it could be loaded by mistake (torch.save of a rank's shard). DCP's
+        # dicts carry no tag: DCP loads into templates, so the form is the load's, not the
+        # saver's, and checkpoints of other forms (FSDP1's, older ones) keep loading.
+        for group in out["param_groups"]:
+            group[shards.SHARD_TAG] = shards.SHARDED
+    return out
+
+
+def torch_packed(opt: PreconditionedOptimizer) -> dict[str, Any]:
+    """``torch.optim``'s own ``{state, param_groups}`` (vectors' state as references); under
+    ZeRO, whose param groups hold flat partitions, the planned parameters' groups and no state."""
+    if opt._flat_partitions():
+        return {"state": {}, "param_groups": partitioned_groups(opt)}
+    return torch.optim.Optimizer.state_dict(opt)
+
+
+def assemble(opt: PreconditionedOptimizer, packed: dict[str, Any], vectors: Mapping[int, Mapping[str, Tensor]],
+             blocks: Iterable[BlockEntry]) -> dict[str, Any]:
+    """``packed`` (torch.optim's dict) with vectors under ``"adamw"``, blocks under ``"block{b}"``
+    and the tags in every param group."""
     packed["state"] = {index: {"adamw": entry} for index, entry in vectors.items()}
     for param_index, key, value in blocks:
         packed["state"].setdefault(param_index, {})[key] = value
@@ -263,10 +360,15 @@ def _untagged(saved: Mapping[str, Any]) -> dict[str, Any]:
 def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
     """See :meth:`PreconditionedOptimizer.load_state_dict`."""
     base_load = torch.optim.Optimizer.load_state_dict
+    shard = next((g[shards.SHARD_TAG] for g in saved["param_groups"] if shards.SHARD_TAG in g), None)
+    if isinstance(shard, shards.NotACheckpoint):
+        raise ValueError(shards.refusal(shard))
     check_tags(opt, saved)
+    sharded = shard is not None
     saved = _untagged(saved)
     entries = {key: split_entry(entry) for key, entry in saved["state"].items()}
-    if opt._plan is None and not opt._deepspeed_took_over() and not any(blocks for _, blocks in entries.values()):
+    if (opt._plan is None and not sharded and not opt._deepspeed_took_over()
+            and not any(blocks for _, blocks in entries.values())):
         # Nothing planned yet and no block state to place: load hyperparameters (and any
         # AdamW state) without planning, since backends may still swap the parameters
         # (Accelerate reloads a fresh optimizer's own state_dict before FSDP2 shards).
@@ -278,7 +380,12 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
     opt._setup()
     assert opt._plan is not None and opt._router is not None
     layout = opt._router.checkpoint_layout()
+    if sharded and not shards.accepts_sharded(opt, layout):
+        raise ValueError(shards.refusal(shard))
     rank_local = layout.rank_local
+    # DCP loads into this rank's own template (the sharded form), so a DCP load needs the
+    # blocks this rank owns, whichever form saved the checkpoint.
+    sharded = sharded or (not rank_local and shards.dcp_call() is not None)
     # Saved keys are indices, or FQNs when torch.distributed.checkpoint wrote them; as in
     # torch.optim, they map to parameters by position in the saved param groups.
     saved_keys = [key for group in saved["param_groups"] for key in group["params"]]
@@ -293,9 +400,11 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
                 raise ValueError(f"checkpoint has state for {key!r}, which is in none of its param groups")
             blocks_by_param[position[key]] = blocks
     owned = {block.id for bucket in opt._buckets for block in bucket.blocks}
-    fresh = not (opt._router.any_rank(bool(blocks_by_param)) if rank_local else blocks_by_param)
+    # A shard holds (at least) the blocks this rank owns; a full dict every block, or none at
+    # all when it was saved before the first step.
+    fresh = not sharded and not (opt._router.any_rank(bool(blocks_by_param)) if rank_local else blocks_by_param)
     if not fresh:
-        validate_block_state(opt, blocks_by_param, owned if rank_local else None)
+        validate_block_state(opt, blocks_by_param, owned if (rank_local or sharded) else None)
     if rank_local:
         plain_state = local_vector_pieces(opt, plain_state, position, layout.vector_pieces)
     elif not opt._flat_partitions():
@@ -382,6 +491,19 @@ def load_partitioned(opt: PreconditionedOptimizer, saved: Mapping[str, Any], pla
     fragments: dict[int, tuple[int, dict[str, Tensor]]] = {}
     for index, start, numel in pieces_here:
         entry = plain_state.get(index, {})
+        if FRAGMENT_KEY in entry:  # a shard: this rank's own fragment, saved at this world size
+            fragment = entry[FRAGMENT_KEY]
+            saved_start, saved_numel = int(fragment["flat_start"]), fragment["exp_avg"].numel()
+            if (saved_start, saved_numel) != (start, numel):
+                raise ValueError(
+                    f"checkpoint holds elements [{saved_start}, {saved_start + saved_numel}) of "
+                    f"{opt._name_of_index(index)}'s AdamW state, this rank holds [{start}, {start + numel}): "
+                    "a ZeRO shard loads only at the world size and partitioning that saved it "
+                    "(resume at another world size with lightning_precond.load_zero_shards)"
+                )
+            fragments[index] = (start, {n: fragment[n].detach().clone() for n in ("step", "exp_avg", "exp_avg_sq")})
+            fragments[index][1]["step"] = fragments[index][1]["step"].to(torch.float32)
+            continue
         if "exp_avg" not in entry:
             continue
         state = {"step": entry["step"].detach().clone().to(torch.float32)}

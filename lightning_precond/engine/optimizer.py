@@ -22,9 +22,9 @@ from torch.nn.parameter import is_lazy
 from ..algorithms.base import Algorithm, GroupConfig, StepContext
 from ..blocks import Block, BlockPlan, plan_blocks
 from ..distributed.detect import deepspeed_took_over, parameters_are_sharded, resolve_router
-from ..distributed.router import BlockUpdate, Router
+from ..distributed.router import BlockUpdate, CheckpointLayout, Router
 from ..options import EngineOptions
-from . import checkpoint
+from . import checkpoint, shards
 from .buckets import Bucket, selected
 from .groups import PLAN_KEYS, check_group_keys, check_plan_keys, plan_limits, plan_values
 from .refresh import RefreshedFactor, RefreshPolicy
@@ -79,6 +79,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._refresh = RefreshPolicy(algorithm, self.options, self._name_of_index)
         self._steps_taken = 0
         self._consolidated: checkpoint.Consolidated | None = None
+        self._sharded_depth = 0  # > 0 inside lightning_precond.sharded_state_dict(self)
+        self._checkpoint_calls = 0  # collectives of checkpoints taken (names their rendezvous)
         self._vector_skips: dict[int, int] = {}  # param index -> steps refused (not checkpointed)
         self._skip_warned: set[tuple[int, int]] = set()
         # Each group's plan options when its blocks were planned (edits afterwards are refused).
@@ -580,37 +582,48 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The standard ``torch.optim`` format: ``{"state": {param_index: {...}}, "param_groups"}``
-        (the layout: :mod:`lightning_precond.engine.checkpoint`).
+        """The standard ``torch.optim`` format, ``{"state": {param_index: {...}}, "param_groups"}``
+        (layout: :mod:`lightning_precond.engine.checkpoint`), in one of two forms
+        (:mod:`lightning_precond.engine.shards`):
 
-        Under DeepSpeed ZeRO (which calls this on every rank and saves each rank's) the
-        result is the same as with one process: param groups list the model's parameters and
-        vectors' AdamW state is assembled from every rank's fragments (a collective).
+        * **full** (the default): complete on rank 0 only. With several ranks it is a
+          collective: every rank calls it (Accelerate does), or every rank calls
+          :meth:`consolidate_state_dict` first and then only the writer calls this (Lightning
+          does). Blocks stream to the writer one at a time; the other ranks get a dict that
+          ``torch.save`` and ``load_state_dict`` refuse.
+        * **sharded**: this rank's blocks only, inside :func:`lightning_precond.sharded_state_dict`,
+          inside DCP's ``get_optimizer_state_dict`` with ``full_state_dict=False``, and under
+          DeepSpeed ZeRO (one file per rank). No collective.
 
-        Under FSDP1 this is the per-rank input of FSDP's optimizer-state API
-        (``FSDP.optim_state_dict``, ``get_optimizer_state_dict``; Lightning's
-        ``FSDPStrategy`` calls them), which consolidates it: each rank returns the blocks it
-        owns, and each vector's whole AdamW state on the rank holding its first element.
-        After :meth:`consolidate_state_dict` it is instead complete on every rank. Loading
-        accepts both.
+        Under FSDP1 it is the per-rank input of FSDP's own optimizer-state API
+        (``FSDP.optim_state_dict``, which gathers it to every rank: the documented exception).
         """
-        if self._router is None and self._parameters_final():
+        if self._router is None and (
+            self._parameters_final() or shards.wants_sharded(self, CheckpointLayout())
+        ):
             self._setup()
         consolidated, self._consolidated = self._consolidated, None
         return checkpoint.state_dict(self, consolidated)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
-        """Collect every rank's block state (a collective), so that a following
-        :meth:`state_dict` on any single rank is complete.
-
-        Lightning calls this on all ranks and then ``state_dict()`` on rank 0 only, the
-        ``ZeroRedundancyOptimizer`` convention. Calling ``state_dict()`` on all ranks
-        (Accelerate) works without it.
+        """Assemble the complete state on rank ``to`` only (a collective: call it on every
+        rank), so that a following :meth:`state_dict` on rank ``to`` needs no collective; the
+        other ranks should not call it then. Lightning's ``DDPStrategy`` calls this on all
+        ranks and ``state_dict()`` on rank 0 only (the ``ZeroRedundancyOptimizer`` convention).
         """
-        self._consolidated = checkpoint.consolidate(self)
+        if not isinstance(to, int) or isinstance(to, bool) or to < 0:
+            raise ValueError(f"to must be a rank (an int >= 0), got {to!r}")
+        world = self._router.world_size if self._router is not None else 1
+        if to >= world:
+            raise ValueError(f"to must be a rank below the world size {world}, got {to}")
+        consolidated = checkpoint.consolidate(self, to)
+        # Kept on the writer only: a later state_dict() elsewhere is a new collective.
+        self._consolidated = consolidated if consolidated.blocks is not None else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved at any world size; validated fully before anything changes.
+        """Load a state saved at any world size, full or sharded (a shard only where the
+        sharded form is selected, see :meth:`state_dict`); validated fully before anything
+        changes. A shard must hold every block this rank owns.
 
         Under FSDP1 each rank needs only the entries of the parameters it holds a piece of
         (what ``FSDP.optim_state_dict_to_load`` hands it).
