@@ -3,6 +3,20 @@
 The plan is a pure function of the parameters' *global* shapes and the configuration, so it
 is identical on every rank and at every world size. That is what lets checkpoints be
 resharded and lets every backend (DDP, FSDP, ZeRO) route the same blocks to the same owners.
+
+Two limits shape it, per param group (:class:`PlanLimits`):
+
+* ``max_dim`` (``max_preconditioner_dim``) cuts a matrix side longer than it into blocks,
+  each with its own factor for that side (Distributed Shampoo's way);
+* ``max_factor_dim`` gives a side of the *parameter's* matrix view longer than it no factor
+  at all: an identity side (SOAP's ``max_precond_dim``), whose projections are the identity.
+  That side is never cut: blocking exists to bound a factor, and an identity side has none,
+  while one factor on the other side that sees every row (every column) is the reference
+  algorithm; cutting it would only split that factor's statistics into independent pieces.
+  So ``Embedding(50000, 64)`` is one 50000 x 64 block with a 64 x 64 right factor, and
+  ``Embedding(50000, 4096)`` four 50000 x 1024 blocks, each with a 1024 x 1024 right factor.
+  The whole identity side then belongs to one owner rank (its moments, ``2 m n`` numbers for
+  SOAP, are not spread over ranks by blocking).
 """
 
 from __future__ import annotations
@@ -11,7 +25,9 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Block", "BlockPlan", "matrix_shape", "plan_blocks"]
+from .algorithms.statistics import SIDES
+
+__all__ = ["Block", "BlockPlan", "PlanLimits", "matrix_shape", "plan_blocks"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,9 @@ class Block:
     col_start: int
     rows: int
     cols: int
+    # The sides ("left", "right") without a factor: the parameter's dim on that side is
+    # above max_factor_dim (identity projection there).
+    identity: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -35,6 +54,10 @@ class Block:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.rows, self.cols)
+
+    def factored(self, sides: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of an algorithm's ``sides`` that have a factor in this block."""
+        return tuple(side for side in sides if side not in self.identity)
 
 
 def matrix_shape(shape: Sequence[int], max_dim: int) -> tuple[int, int] | None:
@@ -72,35 +95,59 @@ class BlockPlan:
         return tuple(b for b in self.blocks if b.param_index == param_index)
 
 
+@dataclass(frozen=True)
+class PlanLimits:
+    """How one param group's matrices are cut (see the module docstring)."""
+
+    max_dim: int  # largest block side (a huge number: whole matrices)
+    max_factor_dim: int | None = None  # a matrix side above this has no factor (None: every side has one)
+
+    def identity_sides(self, mshape: tuple[int, int]) -> tuple[str, ...]:
+        """The sides of a matrix view ``mshape`` that get no factor."""
+        limit = self.max_factor_dim
+        return () if limit is None else tuple(side for side, dim in zip(SIDES, mshape) if dim > limit)
+
+
 def plan_blocks(
     shapes: Sequence[Sequence[int]],
     group_of: Sequence[int],
-    max_dim: int,
+    limits: int | PlanLimits | Sequence[PlanLimits],
     precondition_1d: bool = False,
     unblocked: Collection[int] = (),
 ) -> BlockPlan:
-    """Cut every parameter (given by its global shape) into blocks of at most ``max_dim``.
+    """Cut every parameter (given by its global shape) into blocks.
 
-    ``group_of[i]`` is the param group of parameter ``i``. With ``precondition_1d`` a vector
-    of length n is treated as a 1 x n matrix instead of taking the diagonal method. The
-    parameters in ``unblocked`` (groups with ``precondition=False``) take the diagonal method.
+    ``group_of[i]`` is the param group of parameter ``i``; ``limits`` its group's
+    :class:`PlanLimits` (one per group, or one for all; an int is ``max_dim`` alone). With
+    ``precondition_1d`` a vector of length n is treated as a 1 x n matrix instead of taking
+    the diagonal method. The parameters in ``unblocked`` (groups with ``precondition=False``)
+    take the diagonal method.
     """
-    if max_dim < 1:
-        raise ValueError(f"max_preconditioner_dim must be >= 1, got {max_dim}")
+    if isinstance(limits, int):
+        limits = PlanLimits(limits)
+    per_group = limits if not isinstance(limits, PlanLimits) else None
     blocks: list[Block] = []
     matrix_shapes: list[tuple[int, int] | None] = []
     for index, shape in enumerate(shapes):
-        mshape = None if index in unblocked else matrix_shape(shape, max_dim)
+        limit = per_group[group_of[index]] if per_group is not None else limits
+        assert isinstance(limit, PlanLimits)
+        if limit.max_dim < 1:
+            raise ValueError(f"max_preconditioner_dim must be >= 1, got {limit.max_dim}")
+        mshape = None if index in unblocked else matrix_shape(shape, limit.max_dim)
         if mshape is None and index not in unblocked and precondition_1d and len(shape) == 1 and shape[0] > 0:
             mshape = (1, int(shape[0]))
         matrix_shapes.append(mshape)
         if mshape is None:
             continue
+        identity = limit.identity_sides(mshape)
+        # An identity side is not cut (module docstring): one block spans it.
+        row_cuts = [(0, mshape[0])] if "left" in identity else _cuts(mshape[0], limit.max_dim)
+        col_cuts = [(0, mshape[1])] if "right" in identity else _cuts(mshape[1], limit.max_dim)
         number = 0
-        for row_start, rows in _cuts(mshape[0], max_dim):
-            for col_start, cols in _cuts(mshape[1], max_dim):
+        for row_start, rows in row_cuts:
+            for col_start, cols in col_cuts:
                 blocks.append(
-                    Block(index, number, group_of[index], row_start, col_start, rows, cols)
+                    Block(index, number, group_of[index], row_start, col_start, rows, cols, identity)
                 )
                 number += 1
     return BlockPlan(tuple(blocks), tuple(matrix_shapes))

@@ -145,7 +145,8 @@ class Muon(PreconditionedOptimizer):
 
     Whole matrices by default (``max_preconditioner_dim=None``), each orthogonalized by its
     owner rank; vectors, and groups with ``"precondition": False`` (embeddings, heads), take
-    AdamW with ``betas`` and ``eps``.
+    AdamW with ``betas`` and ``eps``. Muon keeps no Kronecker factors, so ``max_factor_dim``
+    (an identity side) does not apply and is refused.
 
     Example: ``Muon(model.parameters(), lr=1e-3)``
     """
@@ -158,9 +159,10 @@ class Muon(PreconditionedOptimizer):
         config = MuonConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                             ns_steps=ns_steps, ns_dtype=ns_dtype, update_scale=update_scale, betas=betas, eps=eps)
         options.setdefault("max_preconditioner_dim", None)  # whole matrices: Newton–Schulz needs them
+        options.setdefault("max_factor_dim", None)  # no factors: nothing to leave unpreconditioned
         super().__init__(params, config, Orthogonalized(), **options)
 
 
 for _preset in (SOAP, KLSOAP, KLShampoo, EigenvalueCorrectedShampoo, Shampoo):
     _preset.__doc__ = (_preset.__doc__ or "") + options_help()
-Muon.__doc__ = (Muon.__doc__ or "") + options_help(max_preconditioner_dim=None)
+Muon.__doc__ = (Muon.__doc__ or "") + options_help(max_preconditioner_dim=None, max_factor_dim=None)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, ClassVar, Literal, TypedDict
 
 import torch
 
 from .algorithms.base import check_nonnegative, check_positive_int
 from .algorithms.eigenbasis import REFRESH_METHODS
 
-__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_tolerance", "options_help"]
+__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_dim_limit",
+           "check_tolerance", "options_help"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 REFRESH_MODES = ("periodic", "adaptive")
@@ -29,7 +30,8 @@ class EngineOptionsDict(TypedDict, total=False):
     """The optimizer-wide keyword options of every preset.
 
     Args:
-        max_preconditioner_dim: Largest side of a block; larger dims are cut into blocks (None: whole matrices).
+        max_preconditioner_dim: Largest side of a block; larger dims are cut into blocks (None: whole matrices); a param group may set its own.
+        max_factor_dim: A side of a parameter's matrix view longer than this gets no factor: an identity side, not cut into blocks (None: every side gets one); a param group may set its own.
         preconditioner_dtype: Dtype of factors, bases and moments (None: float32, or float64 for float64 parameters).
         refresh: "periodic": refresh every precondition_frequency steps; "adaptive": when stale.
         refresh_method: How bases are refreshed (None: the algorithm's own).
@@ -41,10 +43,16 @@ class EngineOptionsDict(TypedDict, total=False):
         precondition_1d: Precondition vectors as 1 x n matrices instead of AdamW.
         distributed: "auto" (detect the backend), None (each rank alone), a module (FSDP1) or a process group.
         communication_dtype: Dtype of the routing collectives (None: float32, float64 for float64 state).
+        maximize: Maximize the objective (every gradient is negated), as in torch.optim.
+        foreach: torch.optim's flag: None or False only (False: the vectors' AdamW runs torch's for-loop kernel).
+        fused: torch.optim's flag: None or False only (no fused kernel).
+        capturable: torch.optim's flag: False only (no CUDA-graph capture).
+        differentiable: torch.optim's flag: False only (step() is not differentiable).
         checkpoint_timeout: Seconds the writer of a full state_dict() waits for the other ranks to join before raising.
     """
 
     max_preconditioner_dim: int | None
+    max_factor_dim: int | None
     preconditioner_dtype: torch.dtype | None
     refresh: Literal["periodic", "adaptive"]
     refresh_method: Literal["eigh", "qr", "power"] | None
@@ -56,7 +64,18 @@ class EngineOptionsDict(TypedDict, total=False):
     precondition_1d: bool
     distributed: Any
     communication_dtype: torch.dtype | None
+    maximize: bool
+    foreach: bool | None
+    fused: bool | None
+    capturable: bool
+    differentiable: bool
     checkpoint_timeout: float
+
+
+def check_dim_limit(value: Any, name: str) -> None:
+    """A dimension limit: None (no limit) or a positive int."""
+    if value is not None:
+        check_positive_int(value, name)
 
 
 def check_tolerance(value: Any, name: str) -> None:
@@ -66,9 +85,19 @@ def check_tolerance(value: Any, name: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineOptions:
-    """Optimizer-wide options (see :class:`EngineOptionsDict` for their meaning)."""
+    """Optimizer-wide options (see :class:`EngineOptionsDict` for their meaning).
+
+    ``max_factor_dim``'s default, 30000, was chosen by measurement (README, "Large
+    dimensions"; ``benchmarks/large_dims.py``): every hidden and MLP matrix of the common
+    768-8192 wide models (up to Llama-3-70B's 8192 x 28672) keeps both factors, and every
+    common vocabulary (30522 and up) gets an identity side, which takes SOAP's state of
+    ``Embedding(50000, 64)`` from 34x its weights to 2.0x and its first step from 22 s to 0.3 s.
+    """
+
+    NO_LIMIT: ClassVar[int] = 2**62  # max_preconditioner_dim=None: whole matrices
 
     max_preconditioner_dim: int | None = 1024
+    max_factor_dim: int | None = 30000
     preconditioner_dtype: torch.dtype | None = None
     refresh: str = "periodic"
     refresh_method: str | None = None
@@ -80,11 +109,16 @@ class EngineOptions:
     precondition_1d: bool = False
     distributed: Any = "auto"
     communication_dtype: torch.dtype | None = None
+    maximize: bool = False
+    foreach: bool | None = None
+    fused: bool | None = None
+    capturable: bool = False
+    differentiable: bool = False
     checkpoint_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_preconditioner_dim is not None:
-            check_positive_int(self.max_preconditioner_dim, "max_preconditioner_dim")
+        check_dim_limit(self.max_preconditioner_dim, "max_preconditioner_dim")
+        check_dim_limit(self.max_factor_dim, "max_factor_dim")
         if self.preconditioner_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(
                 "preconditioner_dtype must be None, torch.float32 or torch.float64, "
@@ -114,11 +148,27 @@ class EngineOptions:
             raise ValueError(
                 f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"
             )
+        if not isinstance(self.maximize, bool):
+            raise ValueError(f"maximize must be a bool, got {self.maximize!r}")
+        # torch.optim's implementation flags: their default ("let the library choose", or off) is
+        # what this engine does; anything else would be silently ignored, so it is refused.
+        for name, allowed, why in (
+            ("foreach", (None, False), "blocks are batched per shape bucket and the vectors' AdamW lets torch choose"),
+            ("fused", (None, False), "there is no fused kernel"),
+            ("capturable", (False,), "step() syncs the host once per step, so it cannot be captured in a CUDA graph"),
+            ("differentiable", (False,), "step() runs under no_grad"),
+        ):
+            value = getattr(self, name)
+            if not any(value is choice for choice in allowed):
+                raise ValueError(
+                    f"{name}={value!r} is not supported by preconditioned optimizers ({why}); "
+                    f"leave {name} at {' or '.join(repr(c) for c in allowed)}"
+                )
 
     @property
     def block_limit(self) -> int:
         """``max_preconditioner_dim`` as a number (no limit: whole matrices)."""
-        return self.max_preconditioner_dim if self.max_preconditioner_dim is not None else 2**62
+        return self.max_preconditioner_dim if self.max_preconditioner_dim is not None else self.NO_LIMIT
 
 
 def options_help(**preset_defaults: Any) -> str:

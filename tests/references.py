@@ -2,6 +2,10 @@
 
 Each works on one full matrix with plain ``torch.linalg`` calls and no code from the
 package, so agreement with the optimizers is evidence, not an echo.
+
+``identity`` names the sides left unpreconditioned (algorithms.md: "left unpreconditioned on
+that axis (identity factor: SOAP's way)"): that side's basis is I and never refreshed, its
+eigenvalues count as 1, and it keeps no factor.
 """
 
 from __future__ import annotations
@@ -30,12 +34,17 @@ def soap_refresh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.qr(factor @ basis[:, order]).Q, order
 
 
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype)
+
+
 def soap(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, b2: float,
-         bs: float, eps: float, wd: float, freq: int) -> list[Tensor]:
+         bs: float, eps: float, wd: float, freq: int, identity: tuple[str, ...] = ()) -> list[Tensor]:
     """SOAP: returns W after each update (the first call builds the basis only)."""
     g = grad_fn(w)
     left, right = (1 - bs) * g @ g.T, (1 - bs) * g.T @ g
-    ql, qr = eigh_desc(left)[1], eigh_desc(right)[1]
+    ql = _eye(w.shape[0], w) if "left" in identity else eigh_desc(left)[1]
+    qr = _eye(w.shape[1], w) if "right" in identity else eigh_desc(right)[1]
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
     out = []
@@ -50,10 +59,13 @@ def soap(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, b2: float
         left = bs * left + (1 - bs) * g @ g.T
         right = bs * right + (1 - bs) * g.T @ g
         if t % freq == 0:
-            new_l, order_l = soap_refresh(left, ql)
-            v = v[order_l, :]
-            new_r, order_r = soap_refresh(right, qr)
-            v = v[:, order_r]
+            new_l, new_r = ql, qr
+            if "left" not in identity:
+                new_l, order_l = soap_refresh(left, ql)
+                v = v[order_l, :]
+            if "right" not in identity:
+                new_r, order_r = soap_refresh(right, qr)
+                v = v[:, order_r]
             m = new_l.T @ (ql @ m @ qr.T) @ new_r
             ql, qr = new_l, new_r
         out.append(w)
@@ -69,15 +81,23 @@ def kl_inverse(lam: Tensor) -> Tensor:
 
 def kl_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, beta: float,
                eps: float, wd: float, freq: int, adam: tuple[float, float] | None = None,
-               ) -> list[Tensor]:
-    """KL-Shampoo, or KL-SOAP when ``adam=(b1, b2)`` is given (Adam in the eigenbasis)."""
+               identity: tuple[str, ...] = ()) -> list[Tensor]:
+    """KL-Shampoo, or KL-SOAP when ``adam=(b1, b2)`` is given (Adam in the eigenbasis).
+    An identity side is S = I (lambda = 1) held fixed."""
     m_rows, n_cols = w.shape
+    left, right = "left" not in identity, "right" not in identity
     g = grad_fn(w)
     sa = (1 - beta) / n_cols * g @ g.T
     sb = (1 - beta) / m_rows * g.T @ g
-    qa, qb = eigh_desc(sa)[1], eigh_desc(sb)[1]
-    la = torch.full((m_rows,), 0.1, dtype=w.dtype)
-    lb = torch.full((n_cols,), 0.1, dtype=w.dtype)
+    qa = eigh_desc(sa)[1] if left else _eye(m_rows, w)
+    qb = eigh_desc(sb)[1] if right else _eye(n_cols, w)
+    la = torch.full((m_rows,), 0.1 if left else 1.0, dtype=w.dtype)
+    lb = torch.full((n_cols,), 0.1 if right else 1.0, dtype=w.dtype)
+    unit_a, unit_b = not left, not right  # an identity side's lambda stays 1 (no clamp either)
+
+    def inverse(lam: Tensor, unit: bool) -> Tensor:
+        return torch.ones_like(lam) if unit else kl_inverse(lam)
+
     mom = torch.zeros_like(w)
     v = torch.zeros_like(w)
     out = []
@@ -85,7 +105,7 @@ def kl_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, bet
         g = grad_fn(w)
         if adam is None:
             mom = b1 * mom + (1 - b1) * g
-            ia, ib = kl_inverse(la), kl_inverse(lb)
+            ia, ib = inverse(la, unit_a), inverse(lb, unit_b)
             p = 1.0 / (torch.outer(ia, ib).rsqrt() + eps)
             update = lr * (qa @ ((qa.T @ mom @ qb) * p) @ qb.T)
             w = (1 - lr * wd) * w - update
@@ -97,19 +117,21 @@ def kl_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, bet
             alpha = lr * (1 - a2**t) ** 0.5 / (1 - a1**t)
             w = w - alpha * (qa @ (mom / (v.sqrt() + eps)) @ qb.T)
             w = w - lr * wd * w
-        ia, ib = kl_inverse(la), kl_inverse(lb)
+        ia, ib = inverse(la, unit_a), inverse(lb, unit_b)
         sa = beta * sa + (1 - beta) / n_cols * g @ qb @ torch.diag(ib) @ qb.T @ g.T
         sb = beta * sb + (1 - beta) / m_rows * g.T @ qa @ torch.diag(ia) @ qa.T @ g
         gt2 = (qa.T @ g @ qb) ** 2
-        la, lb = (beta * la + (1 - beta) / n_cols * gt2 @ ib,
-                  beta * lb + (1 - beta) / m_rows * ia @ gt2)
+        new_la, new_lb = (beta * la + (1 - beta) / n_cols * gt2 @ ib,
+                          beta * lb + (1 - beta) / m_rows * ia @ gt2)
+        la = new_la if left else la
+        lb = new_lb if right else lb
         if t % freq == 0:
             if adam is None:
-                qa = torch.linalg.qr(sa @ qa).Q
-                qb = torch.linalg.qr(sb @ qb).Q
+                qa = torch.linalg.qr(sa @ qa).Q if left else qa
+                qb = torch.linalg.qr(sb @ qb).Q if right else qb
             else:
-                new_a, order_a = soap_refresh(sa, qa)
-                new_b, order_b = soap_refresh(sb, qb)
+                new_a, order_a = soap_refresh(sa, qa) if left else (qa, torch.arange(m_rows))
+                new_b, order_b = soap_refresh(sb, qb) if right else (qb, torch.arange(n_cols))
                 v = v[order_a, :][:, order_b]
                 la, lb = la[order_a], lb[order_b]
                 mom = new_a.T @ (qa @ mom @ qb.T) @ new_b
@@ -119,11 +141,16 @@ def kl_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, bet
 
 
 def eigenvalue_corrected_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float,
-                                 b2: float, bs: float, eps: float, wd: float, freq: int
-                                 ) -> list[Tensor]:
+                                 b2: float, bs: float, eps: float, wd: float, freq: int,
+                                 identity: tuple[str, ...] = ()) -> list[Tensor]:
     g = grad_fn(w)
     left, right = (1 - bs) * g @ g.T, (1 - bs) * g.T @ g
-    ql, qr = eigh_desc(left)[1], eigh_desc(right)[1]
+
+    def bases() -> tuple[Tensor, Tensor]:
+        return (_eye(w.shape[0], w) if "left" in identity else eigh_desc(left)[1],
+                _eye(w.shape[1], w) if "right" in identity else eigh_desc(right)[1])
+
+    ql, qr = bases()
     m = torch.zeros_like(w)
     d = torch.zeros_like(w)
     out = []
@@ -137,14 +164,15 @@ def eigenvalue_corrected_shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: flo
         left = bs * left + (1 - bs) * g @ g.T
         right = bs * right + (1 - bs) * g.T @ g
         if t % freq == 0:
-            ql, qr = eigh_desc(left)[1], eigh_desc(right)[1]
+            ql, qr = bases()
         out.append(w)
     return out
 
 
 def shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b2: float, eps: float,
-            exponent: float, freq: int, start: int) -> list[Tensor]:
-    """Plain Shampoo (no momentum, no grafting): W -= lr (L+eps)^-p G (R+eps)^-p."""
+            exponent: float, freq: int, start: int, identity: tuple[str, ...] = ()) -> list[Tensor]:
+    """Plain Shampoo (no momentum, no grafting): W -= lr (L+eps)^-p G (R+eps)^-p; an identity
+    side's root is I (not (1 + eps)^-p)."""
     left = torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype)
     right = torch.zeros(w.shape[1], w.shape[1], dtype=w.dtype)
     root_l = root_r = None
@@ -154,8 +182,8 @@ def shampoo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b2: float, eps: f
         left = b2 * left + (1 - b2) * g @ g.T if b2 < 1 else left + g @ g.T
         right = b2 * right + (1 - b2) * g.T @ g if b2 < 1 else right + g.T @ g
         if t >= start and (t - start) % freq == 0:
-            root_l = matrix_power_sym(left, -exponent, eps)
-            root_r = matrix_power_sym(right, -exponent, eps)
+            root_l = _eye(w.shape[0], w) if "left" in identity else matrix_power_sym(left, -exponent, eps)
+            root_r = _eye(w.shape[1], w) if "right" in identity else matrix_power_sym(right, -exponent, eps)
         w = w - lr * (root_l @ g @ root_r if t >= start else g)
         out.append(w)
     return out

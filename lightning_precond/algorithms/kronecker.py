@@ -135,18 +135,19 @@ class KroneckerAlgorithm:
         self.gradient_headroom = statistics.headroom
 
     # -- state ----------------------------------------------------------------------
-    def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
-        return {**KroneckerFactors.shapes(m, n), **self.scaling.state_shapes(m, n, config)}
+    def state_shapes(self, m: int, n: int, config: Any, sides: tuple[str, ...] = SIDES) -> dict[str, tuple[int, ...]]:
+        """Per-block state shapes; ``sides``: the sides with a factor (the others are identity)."""
+        return {**KroneckerFactors.shapes(m, n, sides), **self.scaling.state_shapes(m, n, config)}
 
     def state_from(self, tensors: Mapping[str, Tensor]) -> KroneckerState:
         factor_names = KroneckerFactors.shapes(1, 1)
-        factors = KroneckerFactors(**{name: tensors[name] for name in factor_names})
+        factors = KroneckerFactors(**{name: tensors.get(name) for name in factor_names})
         moments = self.scaling.moments_type(**{k: v for k, v in tensors.items() if k not in factor_names})
         return KroneckerState(factors, moments)
 
     def create_state(self, k: int, m: int, n: int, config: Any, dtype: torch.dtype,
-                     device: torch.device) -> KroneckerState:
-        shapes = self.state_shapes(m, n, config)
+                     device: torch.device, sides: tuple[str, ...] = SIDES) -> KroneckerState:
+        shapes = self.state_shapes(m, n, config, sides)
         state = self.state_from({name: torch.zeros((k, *s), dtype=dtype, device=device) for name, s in shapes.items()})
         self.statistics.initial_values(state.factors)
         return state
@@ -161,6 +162,7 @@ class KroneckerAlgorithm:
         """Recompute ``side``'s basis of every block in ``state``; failed blocks keep theirs."""
         factors = state.factors
         factor, old = factors.factor(side), factors.basis(side)
+        assert factor is not None and old is not None, f"the {side} side is an identity side: nothing to refresh"
         if method == "eigh":
             result = eigh_descending(factor, old)
         elif method == "power":

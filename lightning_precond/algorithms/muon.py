@@ -104,14 +104,14 @@ class Orthogonalized:
     refresh_method = "eigh"  # unused: there is no basis to refresh
     gradient_headroom = 1.0  # the buffer is an average of gradients; Newton–Schulz normalizes
 
-    def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
+    def state_shapes(self, m: int, n: int, config: Any, sides: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
         return {"momentum_buffer": (m, n)}
 
     def state_from(self, tensors: Mapping[str, Tensor]) -> MuonState:
         return MuonState(**tensors)
 
     def create_state(self, k: int, m: int, n: int, config: Any, dtype: torch.dtype,
-                     device: torch.device) -> MuonState:
+                     device: torch.device, sides: tuple[str, ...] = ()) -> MuonState:
         return MuonState(torch.zeros((k, m, n), dtype=dtype, device=device))
 
     def step(self, state: MuonState, grads: Tensor, ctx: StepContext) -> Direction:

@@ -93,9 +93,13 @@ class InverseRootScaling(Scaling):
         if step >= config.start_preconditioning_step:
             p = config.exponent
             eps = config.eps
-            left = (factors.eigenvalues_left.clamp_min(0.0) + eps).pow(-p)
-            right = (factors.eigenvalues_right.clamp_min(0.0) + eps).pow(-p)
-            scaled = factors.to_basis(momentum) * left.unsqueeze(-1) * right.unsqueeze(-2)
+            # An identity side contributes no factor (1, not (1 + eps)^-p): the block is
+            # L^-p M or M R^-p with the same exponent p.
+            scaled = factors.to_basis(momentum)
+            if factors.eigenvalues_left is not None:
+                scaled = scaled * (factors.eigenvalues_left.clamp_min(0.0) + eps).pow(-p).unsqueeze(-1)
+            if factors.eigenvalues_right is not None:
+                scaled = scaled * (factors.eigenvalues_right.clamp_min(0.0) + eps).pow(-p).unsqueeze(-2)
             update = factors.from_basis(scaled)
             if graft is not None:
                 update = graft_norm(update, graft)
@@ -180,9 +184,13 @@ class KLEigenvalueScaling(Scaling):
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
                   config: Any) -> tuple[Tensor, float]:
         exp_avg = ema_(moments.exp_avg, grad, config.betas[0])
-        inv_sqrt_a = kl_inverse(factors.eigenvalues_left).sqrt()
-        inv_sqrt_b = kl_inverse(factors.eigenvalues_right).sqrt()
-        inv = inv_sqrt_a.unsqueeze(-1) * inv_sqrt_b.unsqueeze(-2)
+        # An identity side has lambda = 1: its factor of the outer product is 1.
+        inv: Tensor | float = 1.0
+        if factors.eigenvalues_left is not None:
+            inv = kl_inverse(factors.eigenvalues_left).sqrt().unsqueeze(-1)
+        if factors.eigenvalues_right is not None:
+            inv_sqrt_b = kl_inverse(factors.eigenvalues_right).sqrt().unsqueeze(-2)
+            inv = inv * inv_sqrt_b if isinstance(inv, Tensor) else inv_sqrt_b
         # 1 / (sqrt(la lb) + eps) written so that a zeroed inverse gives 0, not 1/eps.
         scale = inv / (1.0 + config.eps * inv)
         return factors.from_basis(factors.to_basis(exp_avg) * scale), config.lr

@@ -41,30 +41,41 @@ def permute_along(values: Tensor, order: Tensor, dim: int) -> Tensor:
 
 @dataclass
 class KroneckerFactors:
-    """Two-sided Kronecker state of a bucket of ``k`` blocks of shape ``m x n``."""
+    """Kronecker state of a bucket of ``k`` blocks of shape ``m x n``.
 
-    factor_left: Tensor  # [k, m, m]  L, the left statistic
-    factor_right: Tensor  # [k, n, n]  R
-    basis_left: Tensor  # [k, m, m]  Q_L, eigenvector columns (descending eigenvalue at refresh)
-    basis_right: Tensor  # [k, n, n]  Q_R
-    eigenvalues_left: Tensor  # [k, m]  the eigenvalue estimates in use
-    eigenvalues_right: Tensor  # [k, n]
+    A side without a factor (an identity side: the parameter's dim there is above
+    ``max_factor_dim``) has ``None`` in its three fields; its projections are the identity
+    (``Q = I``), and its eigenvalues count as 1 wherever a scaling multiplies them in.
+    """
+
+    factor_left: Tensor | None  # [k, m, m]  L, the left statistic
+    factor_right: Tensor | None  # [k, n, n]  R
+    basis_left: Tensor | None  # [k, m, m]  Q_L, eigenvector columns (descending eigenvalue at refresh)
+    basis_right: Tensor | None  # [k, n, n]  Q_R
+    eigenvalues_left: Tensor | None  # [k, m]  the eigenvalue estimates in use
+    eigenvalues_right: Tensor | None  # [k, n]
 
     @staticmethod
-    def shapes(m: int, n: int) -> dict[str, tuple[int, ...]]:
-        return {
-            "factor_left": (m, m), "factor_right": (n, n),
-            "basis_left": (m, m), "basis_right": (n, n),
-            "eigenvalues_left": (m,), "eigenvalues_right": (n,),
-        }
+    def shapes(m: int, n: int, sides: tuple[str, ...] = SIDES) -> dict[str, tuple[int, ...]]:
+        """The state shapes of the factored ``sides`` (no entry for an identity side)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for side, d in (("left", m), ("right", n)):
+            if side in sides:
+                out.update({f"factor_{side}": (d, d), f"basis_{side}": (d, d), f"eigenvalues_{side}": (d,)})
+        return out
 
-    def factor(self, side: str) -> Tensor:
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The sides that have a factor."""
+        return tuple(side for side in SIDES if self.factor(side) is not None)
+
+    def factor(self, side: str) -> Tensor | None:
         return self.factor_left if side == "left" else self.factor_right
 
-    def basis(self, side: str) -> Tensor:
+    def basis(self, side: str) -> Tensor | None:
         return self.basis_left if side == "left" else self.basis_right
 
-    def eigenvalues(self, side: str) -> Tensor:
+    def eigenvalues(self, side: str) -> Tensor | None:
         return self.eigenvalues_left if side == "left" else self.eigenvalues_right
 
     # Stored contiguous: eigh's descending order is a flipped view and LAPACK returns
@@ -77,12 +88,22 @@ class KroneckerFactors:
         setattr(self, f"eigenvalues_{side}", values.contiguous())
 
     def to_basis(self, x: Tensor) -> Tensor:
-        """``Q_L^T X Q_R``."""
-        return self.basis_left.mT @ x @ self.basis_right
+        """``Q_L^T X Q_R`` (an identity side leaves that product out)."""
+        left, right = self.basis_left, self.basis_right
+        if left is not None and right is not None:
+            return left.mT @ x @ right
+        if left is not None:
+            return left.mT @ x
+        return x @ right if right is not None else x
 
     def from_basis(self, x: Tensor) -> Tensor:
-        """``Q_L X Q_R^T``."""
-        return self.basis_left @ x @ self.basis_right.mT
+        """``Q_L X Q_R^T`` (an identity side leaves that product out)."""
+        left, right = self.basis_left, self.basis_right
+        if left is not None and right is not None:
+            return left @ x @ right.mT
+        if left is not None:
+            return left @ x
+        return x @ right.mT if right is not None else x
 
 
 class KroneckerStatistics:
@@ -93,8 +114,9 @@ class KroneckerStatistics:
     headroom = 1.0
 
     def initial_values(self, factors: KroneckerFactors) -> None:
-        for side in SIDES:
+        for side in factors.sides:
             basis = factors.basis(side)
+            assert basis is not None
             basis.copy_(torch.eye(basis.shape[-1], dtype=basis.dtype, device=basis.device))
 
     def initialize_from(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
@@ -102,8 +124,10 @@ class KroneckerStatistics:
         self.update(factors, grad, beta)
 
     def update(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
-        ema_(factors.factor_left, grad @ grad.mT, beta)
-        ema_(factors.factor_right, grad.mT @ grad, beta)
+        if factors.factor_left is not None:
+            ema_(factors.factor_left, grad @ grad.mT, beta)
+        if factors.factor_right is not None:
+            ema_(factors.factor_right, grad.mT @ grad, beta)
 
     def on_refresh(self, factors: KroneckerFactors, side: str, result: BasisResult) -> None:
         factors.set_eigenvalues(side, result.eigenvalues)
@@ -139,28 +163,42 @@ class TwoSidedStatistics(KroneckerStatistics):
 
     def initial_values(self, factors: KroneckerFactors) -> None:
         super().initial_values(factors)
-        factors.eigenvalues_left.fill_(KL_INITIAL_EIGENVALUE)
-        factors.eigenvalues_right.fill_(KL_INITIAL_EIGENVALUE)
+        for side in factors.sides:
+            values = factors.eigenvalues(side)
+            assert values is not None
+            values.fill_(KL_INITIAL_EIGENVALUE)
 
     def initialize_from(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
         """First gradient: the one-sided factors scaled by 1/n and 1/m."""
         m, n = grad.shape[-2], grad.shape[-1]
-        ema_(factors.factor_left, grad @ grad.mT / n, beta)
-        ema_(factors.factor_right, grad.mT @ grad / m, beta)
+        if factors.factor_left is not None:
+            ema_(factors.factor_left, grad @ grad.mT / n, beta)
+        if factors.factor_right is not None:
+            ema_(factors.factor_right, grad.mT @ grad / m, beta)
 
     def update(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
+        """The update of the class docstring; an identity side is ``S = I`` (``Q = I``,
+        ``lambda = 1``): the other factor is then ``EMA(G G^T / n)`` (or ``G^T G / m``), the
+        KL fixed point with that side held at the identity."""
         m, n = grad.shape[-2], grad.shape[-1]
-        inv_a = kl_inverse(factors.eigenvalues_left)
-        inv_b = kl_inverse(factors.eigenvalues_right)
-        grad_qb = grad @ factors.basis_right  # [k, m, n]
-        qa_grad = factors.basis_left.mT @ grad  # [k, m, n]
-        ema_(factors.factor_left, (grad_qb * inv_b.unsqueeze(-2)) @ grad_qb.mT / n, beta)
-        ema_(factors.factor_right, qa_grad.mT @ (qa_grad * inv_a.unsqueeze(-1)) / m, beta)
-        projected_sq = (qa_grad @ factors.basis_right).square()
-        new_a = (projected_sq @ inv_b.unsqueeze(-1)).squeeze(-1) / n
-        new_b = (inv_a.unsqueeze(-2) @ projected_sq).squeeze(-2) / m
-        ema_(factors.eigenvalues_left, new_a, beta)
-        ema_(factors.eigenvalues_right, new_b, beta)
+        left, right = factors.factor_left, factors.factor_right
+        inv_a = kl_inverse(factors.eigenvalues_left) if left is not None else None
+        inv_b = kl_inverse(factors.eigenvalues_right) if right is not None else None
+        grad_qb = grad @ factors.basis_right if right is not None else grad  # [k, m, n]
+        qa_grad = factors.basis_left.mT @ grad if left is not None else grad  # [k, m, n]
+        if left is not None:
+            weighted = grad_qb * inv_b.unsqueeze(-2) if inv_b is not None else grad_qb
+            ema_(left, weighted @ grad_qb.mT / n, beta)
+        if right is not None:
+            weighted = qa_grad * inv_a.unsqueeze(-1) if inv_a is not None else qa_grad
+            ema_(right, qa_grad.mT @ weighted / m, beta)
+        projected_sq = (qa_grad @ factors.basis_right if right is not None else qa_grad).square()
+        if left is not None:
+            new_a = (projected_sq @ inv_b.unsqueeze(-1)).squeeze(-1) if inv_b is not None else projected_sq.sum(-1)
+            ema_(factors.eigenvalues_left, new_a / n, beta)
+        if right is not None:
+            new_b = (inv_a.unsqueeze(-2) @ projected_sq).squeeze(-2) if inv_a is not None else projected_sq.sum(-2)
+            ema_(factors.eigenvalues_right, new_b / m, beta)
 
     def on_refresh(self, factors: KroneckerFactors, side: str, result: BasisResult) -> None:
         # The EMA eigenvalues stay; only their order follows the basis columns.

@@ -5,6 +5,7 @@
 * :mod:`.refresh` -- the refresh policy (periodic / adaptive / external owner), failures;
 * :mod:`.stats` -- preconditioner health on demand;
 * :mod:`.checkpoint` -- the state-dict codec (the only code that knows the block layout);
+* :mod:`.groups` -- param-group keys: the per-group plan options, unknown keys refused;
 * :mod:`.vectors` -- AdamW for vectors, through torch's functional kernel.
 """
 

@@ -15,7 +15,7 @@ from ..algorithms.base import map_state, tensor_fields
 from ..algorithms.statistics import SIDES
 from ..blocks import Block
 
-__all__ = ["Bucket", "BlockRecord", "SideRecord", "selected", "RECORD_FIELDS"]
+__all__ = ["Bucket", "BlockRecord", "SideRecord", "new_record", "selected", "RECORD_FIELDS"]
 
 # The per-side counters saved in checkpoints (``"<side>.<field>"``).
 RECORD_FIELDS = ("refreshes", "last_refresh_step", "failures", "consecutive_failures")
@@ -40,13 +40,21 @@ class BlockRecord:
     sides: dict[str, SideRecord] = field(default_factory=lambda: {s: SideRecord() for s in SIDES})
 
 
-class Bucket:
-    """The owned blocks of one shape and param group; ``state`` is the algorithm's typed state."""
+def new_record(sides: Sequence[str]) -> BlockRecord:
+    """A fresh record with counters for the factored ``sides``."""
+    return BlockRecord(sides={side: SideRecord() for side in sides})
 
-    def __init__(self, blocks: list[Block], state: Any) -> None:
+
+class Bucket:
+    """The owned blocks of one shape, param group and set of identity sides; ``state`` is
+    the algorithm's typed state, ``sides`` the sides with a factor (a subset of the
+    algorithm's: an identity side has none)."""
+
+    def __init__(self, blocks: list[Block], state: Any, sides: tuple[str, ...]) -> None:
         self.blocks = blocks
         self.state = state
-        self.records = [BlockRecord() for _ in blocks]
+        self.sides = sides
+        self.records = [new_record(sides) for _ in blocks]
 
     @property
     def shape(self) -> tuple[int, int]:

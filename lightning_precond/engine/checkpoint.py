@@ -23,7 +23,7 @@ from torch import Tensor
 from ..blocks import Block
 from ..distributed.router import CheckpointLayout
 from . import shards
-from .buckets import RECORD_FIELDS, BlockRecord
+from .buckets import RECORD_FIELDS, BlockRecord, new_record
 
 if TYPE_CHECKING:
     from .optimizer import PreconditionedOptimizer
@@ -73,9 +73,10 @@ def pack_block(block: Block, record: BlockRecord, tensors: Mapping[str, Tensor],
 
 
 def unpack_record(saved: Mapping[str, Tensor], sides: Iterable[str]) -> BlockRecord:
-    record = BlockRecord(
-        step=int(saved["step"]), initialized=bool(saved["initialized"]), skipped_steps=int(saved["skipped_steps"])
-    )
+    sides = tuple(sides)
+    record = new_record(sides)
+    record.step, record.initialized = int(saved["step"]), bool(saved["initialized"])
+    record.skipped_steps = int(saved["skipped_steps"])
     for side in sides:
         for field_name in RECORD_FIELDS:
             setattr(record.sides[side], field_name, int(saved[f"{side}.{field_name}"]))
@@ -97,12 +98,11 @@ def split_entry(entry: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Map
 
 
 def owned_blocks(opt: PreconditionedOptimizer) -> list[BlockEntry]:
-    sides = opt.algorithm.sides
     out = []
     for bucket in opt._buckets:
         tensors = bucket.tensors()
         for i, block in enumerate(bucket.blocks):
-            out.append(pack_block(block, bucket.records[i], {n: t[i] for n, t in tensors.items()}, sides))
+            out.append(pack_block(block, bucket.records[i], {n: t[i] for n, t in tensors.items()}, bucket.sides))
     return out
 
 
@@ -111,7 +111,8 @@ def blocks_to(opt: PreconditionedOptimizer, writer: int) -> list[BlockEntry] | N
     if opt._router is None:
         return []
     sides = opt.algorithm.sides
-    packed = [pack_block(block, record, tensors, sides) for block, record, tensors in shards.stream_blocks_to(opt, writer)]
+    packed = [pack_block(block, record, tensors, block.factored(sides))
+              for block, record, tensors in shards.stream_blocks_to(opt, writer)]
     return packed if opt._router.rank == writer else None
 
 
@@ -296,32 +297,49 @@ def assemble(opt: PreconditionedOptimizer, packed: dict[str, Any], vectors: Mapp
     packed["state"] = {index: {"adamw": entry} for index, entry in vectors.items()}
     for param_index, key, value in blocks:
         packed["state"].setdefault(param_index, {})[key] = value
-    for group in packed["param_groups"]:
-        group.update(tags(opt))
+    for index, group in enumerate(packed["param_groups"]):
+        group.update(tags(opt, index))
     return packed
 
 
-def tags(opt: PreconditionedOptimizer) -> dict[str, Any]:
-    """What a checkpoint must match to load: the algorithm, the format, the block plan."""
+def tags(opt: PreconditionedOptimizer, group_index: int) -> dict[str, Any]:
+    """What a checkpoint's param group must match to load: the algorithm, the format, and the
+    options its blocks were planned with (the group's own, else the optimizer's)."""
+    _, max_dim, max_factor_dim = opt._plan_values(group_index)
     return {
         TAG_ALGORITHM: type(opt).__name__,
         TAG_FORMAT: FORMAT_VERSION,
-        TAG_BLOCK_PLAN: f"max_preconditioner_dim={opt.options.max_preconditioner_dim}, "
+        TAG_BLOCK_PLAN: f"max_preconditioner_dim={max_dim}, max_factor_dim={max_factor_dim}, "
                         f"precondition_1d={opt.options.precondition_1d}",
     }
+
+
+def _plan_fields(tag: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in tag.split(", ") if "=" in part)
+
+
+def same_plan(saved: str, ours: str) -> bool:
+    """Whether a saved ``lp_block_plan`` tag matches ours. A tag without ``max_factor_dim``
+    predates identity sides (every side had a factor): it matches on the other options, and
+    the block state itself decides (:func:`validate_block_state` refuses a block whose
+    factors differ, naming max_factor_dim), so checkpoints of models without such large dims
+    keep loading."""
+    saved_fields, our_fields = _plan_fields(saved), _plan_fields(ours)
+    if "max_factor_dim" not in saved_fields:
+        our_fields.pop("max_factor_dim", None)
+    return saved_fields == our_fields
 
 
 def check_tags(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
     """Refuse, before anything changes, a checkpoint of another algorithm, another block plan,
     a newer format, or one that is not ours at all (e.g. ``torch.optim.AdamW``'s)."""
-    ours = tags(opt)
     groups = saved["param_groups"]
+    name = type(opt).__name__
     if len(groups) != len(opt._group_params):  # the groups as built (DeepSpeed may cut param_groups)
-        raise ValueError(
-            f"checkpoint has {len(groups)} param groups, this {ours[TAG_ALGORITHM]} has {len(opt._group_params)}"
-        )
+        raise ValueError(f"checkpoint has {len(groups)} param groups, this {name} has {len(opt._group_params)}")
     fields = [f.name for f in dataclasses.fields(opt.algorithm.config_type)]
     for index, group in enumerate(groups):
+        ours = tags(opt, index)
         algorithm = group.get(TAG_ALGORITHM)
         if algorithm is not None and algorithm != ours[TAG_ALGORITHM]:
             raise ValueError(
@@ -335,9 +353,10 @@ def check_tags(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
                 f"(<= {FORMAT_VERSION}); upgrade lightning_precond"
             )
         plan = group.get(TAG_BLOCK_PLAN)
-        if plan is not None and plan != ours[TAG_BLOCK_PLAN]:
+        if plan is not None and not same_plan(plan, ours[TAG_BLOCK_PLAN]):
             raise ValueError(
-                f"checkpoint blocks were planned with {plan}; this optimizer plans with {ours[TAG_BLOCK_PLAN]}"
+                f"checkpoint blocks of param group {index} were planned with {plan}; this optimizer plans "
+                f"them with {ours[TAG_BLOCK_PLAN]}"
             )
         missing = [name for name in fields if name not in group]
         if missing:
@@ -420,14 +439,13 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
         opt._replan()
         opt._setup()
         return
-    sides = opt.algorithm.sides
     for bucket in opt._buckets:
         tensors = bucket.tensors()
         for i, block in enumerate(bucket.blocks):
             entry = blocks_by_param[block.param_index][f"block{block.block_index}"]
             for name, tensor in tensors.items():
                 tensor[i].copy_(entry[name])
-            bucket.records[i] = unpack_record(entry, sides)
+            bucket.records[i] = unpack_record(entry, bucket.sides)
 
 
 def check_vector_state(opt: PreconditionedOptimizer, plain_state: Mapping[Any, Any], position: Mapping[Any, int]) -> None:
@@ -544,16 +562,13 @@ def validate_block_state(
             f"checkpoint has preconditioner state for {opt._name_of_index(param_index)}, "
             "which this optimizer does not precondition (different model or max_preconditioner_dim?)"
         )
-    counters = {"step", "initialized", "skipped_steps"} | {
-        f"{side}.{f}" for side in opt.algorithm.sides for f in RECORD_FIELDS
-    }
     for param_index, blocks in expected.items():
         name = opt._name_of_index(param_index)
         got = saved.get(param_index, {})
         if set(got) - set(blocks) or (required is None and set(got) != set(blocks)):
             raise ValueError(
                 f"checkpoint blocks of {name} are {sorted(got)}, expected {sorted(blocks)} "
-                "(different shape or max_preconditioner_dim?)"
+                "(different shape, max_preconditioner_dim or max_factor_dim?)"
             )
         for key, block in blocks.items():
             if required is not None and block.id not in required:
@@ -566,7 +581,9 @@ def validate_block_state(
                 )
             m, n = block.shape
             config = opt._config(block.group_index)
-            for state_name, shape in opt.algorithm.state_shapes(m, n, config).items():
+            sides = block.factored(opt.algorithm.sides)
+            shapes = opt.algorithm.state_shapes(m, n, config, sides)
+            for state_name, shape in shapes.items():
                 tensor = got[key].get(state_name)
                 if tensor is None or tuple(tensor.shape) != shape:
                     found = None if tensor is None else tuple(tensor.shape)
@@ -574,6 +591,7 @@ def validate_block_state(
                         f"checkpoint state {state_name!r} of {name} {key} has shape {found}, "
                         f"expected {shape} (different model or algorithm?)"
                     )
+            counters = {"step", "initialized", "skipped_steps"} | {f"{side}.{f}" for side in sides for f in RECORD_FIELDS}
             missing = counters - set(got[key])
             if missing:
                 raise ValueError(f"checkpoint state of {name} {key} lacks {sorted(missing)}")
@@ -584,10 +602,11 @@ def validate_block_state(
                     "save full checkpoints with get_optimizer_state_dict(..., full_state_dict=True) or "
                     "opt.state_dict() on rank 0)"
                 )
-            names = set(opt.algorithm.state_shapes(m, n, config))
-            unexpected = set(got[key]) - names - counters
+            unexpected = set(got[key]) - set(shapes) - counters
             if unexpected:
+                identity = f" ({' and '.join(block.identity)} side without a factor here)" if block.identity else ""
                 raise ValueError(
                     f"checkpoint state of {name} {key} holds {sorted(unexpected)}, which "
-                    f"{type(opt).__name__} does not keep (a checkpoint of another algorithm?)"
+                    f"{type(opt).__name__} does not keep{identity} (a checkpoint of another algorithm, "
+                    "or planned with another max_factor_dim?)"
                 )

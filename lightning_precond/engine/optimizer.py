@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from ..algorithms.base import Algorithm, GroupConfig, StepContext
 from ..blocks import Block, BlockPlan, plan_blocks
@@ -25,6 +26,7 @@ from ..distributed.router import BlockUpdate, CheckpointLayout, Router
 from ..options import EngineOptions
 from . import checkpoint, shards
 from .buckets import Bucket, selected
+from .groups import PLAN_KEYS, check_group_keys, check_plan_keys, plan_limits, plan_values
 from .refresh import RefreshedFactor, RefreshPolicy
 from .stats import FactorStats, factor_stats, stats_order
 from .screen import VectorWork, screen
@@ -38,12 +40,26 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     Matrix parameters (order >= 2) are cut into blocks (:mod:`lightning_precond.blocks`);
     vectors and scalars, and every parameter of a group with ``"precondition": False``, take
-    AdamW with the hyperparameters the group's config names (``vector_adamw``).
+    AdamW with the hyperparameters the group's config names (``vector_adamw``). A group may
+    also set ``max_preconditioner_dim`` and ``max_factor_dim`` for its own parameters; any
+    other key that is not a hyperparameter raises (:mod:`lightning_precond.engine.groups`).
+
+    Raises:
+        ValueError: an invalid option or hyperparameter, an unknown param-group key, or (at
+            the first step) a parameter that is not materialized yet (lazy, meta device).
     """
 
     def __init__(self, params: Iterable[Any], defaults: GroupConfig, algorithm: Algorithm, **options: Any) -> None:
         self.algorithm = algorithm
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EngineOptions)})
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got an unexpected keyword argument {unknown[0]!r} (neither a "
+                f"hyperparameter nor an option; options: {', '.join(f.name for f in dataclasses.fields(EngineOptions))})"
+            )
         self.options = EngineOptions(**options)
+        if not algorithm.sides and self.options.max_factor_dim is not None:
+            check_plan_keys({"max_factor_dim": self.options.max_factor_dim}, False, type(self).__name__)
         self._configs: dict[int, tuple[tuple[Any, ...], GroupConfig]] = {}
         # The param-group dicts and their parameters as built (DeepSpeed ZeRO later replaces
         # the parameters by flat partitions inside the same dicts; see _groups()).
@@ -67,6 +83,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._checkpoint_calls = 0  # collectives of checkpoints taken (names their rendezvous)
         self._vector_skips: dict[int, int] = {}  # param index -> steps refused (not checkpointed)
         self._skip_warned: set[tuple[int, int]] = set()
+        # Each group's plan options when its blocks were planned (edits afterwards are refused).
+        self._planned_values: list[tuple[bool, int | None, int | None]] = []
 
     # ------------------------------------------------------------------ groups and configs
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -84,12 +102,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in (p[1] if isinstance(p, tuple) else p for p in params):
-            if isinstance(p, Tensor) and torch.is_complex(p):
+            # A lazy parameter (nn.LazyLinear) is only checked when the blocks are planned.
+            if isinstance(p, Tensor) and not is_lazy(p) and torch.is_complex(p):
                 raise ValueError("complex parameters are not supported by preconditioned optimizers")
-        if not isinstance(param_group.get("precondition", True), bool):
-            raise ValueError(f"precondition must be a bool, got {param_group['precondition']!r}")
-        if hasattr(self, "defaults"):  # validate the group as it will be, before adding it
-            self.algorithm.config_type.from_group({**self.defaults, **param_group})
+        name = type(self).__name__
+        check_group_keys(param_group, self.defaults, checkpoint.TAGS, self.param_groups, name)
+        check_plan_keys(param_group, bool(self.algorithm.sides), name)
+        # validate the group as it will be, before adding it
+        self.algorithm.config_type.from_group({**self.defaults, **param_group})
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         self._group_dicts.append(group)
@@ -140,6 +160,39 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def _flat_partitions(self) -> bool:
         return self._router is not None and self._router.flat_partitions
 
+    def _plan_values(self, group_index: int) -> tuple[bool, int | None, int | None]:
+        """A group's ``(precondition, max_preconditioner_dim, max_factor_dim)`` (its own, else
+        the optimizer's)."""
+        return plan_values(self._groups()[group_index], self.options)
+
+    def _check_plan_unchanged(self) -> None:
+        """Refuse a plan option edited in a planned group (its blocks would silently keep the
+        old plan, or be re-mapped under existing state)."""
+        for gi, planned in enumerate(self._planned_values):
+            current = self._plan_values(gi)
+            for key, old, new in zip(PLAN_KEYS, planned, current):
+                if old != new:
+                    raise RuntimeError(
+                        f"param group {gi}: {key!r} edited after the first step ({old!r} -> {new!r}); its "
+                        "blocks keep the plan they were made with: restore it, or build a new optimizer"
+                    )
+
+    def _check_materialized(self, params: list[Tensor]) -> None:
+        """Refuse parameters without storage yet, naming them, before anything is planned."""
+        for index, p in enumerate(params):
+            if is_lazy(p):
+                raise ValueError(
+                    f"{self._name_of_index(index)} is not initialized yet (a lazy module's parameter, e.g. "
+                    "nn.LazyLinear): run one forward pass before the first step() (the optimizer may be "
+                    "built before it)"
+                )
+            if p.is_meta:
+                raise ValueError(
+                    f"{self._name_of_index(index)} is on the meta device (no storage): materialize the model "
+                    "(accelerator.prepare, model.to_empty(...), load_state_dict(assign=True)) and keep the "
+                    "optimizer's param groups pointing at the real parameters before the first step()"
+                )
+
     def _state_dtype(self, param: Tensor) -> torch.dtype:
         if self.options.preconditioner_dtype is not None:
             return self.options.preconditioner_dtype
@@ -158,6 +211,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if self._plan is not None:
             return
         current = [list(group["params"]) for group in self.param_groups]
+        self._check_materialized([p for group in current for p in group])
         state_dtypes = {self._state_dtype(p) for group in current for p in group}
         communication_dtype = self.options.communication_dtype or (
             torch.float64 if torch.float64 in state_dtypes else torch.float32
@@ -174,32 +228,37 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         params = [p for group in planned for p in group]
         group_of = [gi for gi, group in enumerate(planned) for _ in group]
         global_shapes = router.global_shapes(params)
-        unblocked = {i for i, gi in enumerate(group_of) if not self._groups()[gi].get("precondition", True)}
-        plan = plan_blocks(
-            global_shapes, group_of, self.options.block_limit, self.options.precondition_1d, unblocked=unblocked
-        )
+        groups = self._groups()
+        unblocked = {i for i, gi in enumerate(group_of) if not groups[gi].get("precondition", True)}
+        limits = [plan_limits(groups[gi], self.options) for gi in range(len(planned))]
+        plan = plan_blocks(global_shapes, group_of, limits, self.options.precondition_1d, unblocked=unblocked)
         keep = self._owners  # blocks planned before a group was added keep their owners
         if plan.blocks[: len(keep)] != self._planned_blocks:
             raise RuntimeError(
                 "the blocks of parameters planned before add_param_group changed (was a group's "
-                "'precondition' edited after the first step?); existing blocks must keep their plan"
+                "'precondition' edited after the first step, or its 'max_preconditioner_dim' or "
+                "'max_factor_dim'?); existing blocks must keep their plan"
             )
         owners = router.setup(params, plan, keep)
         self._planned, self._group_of, self._shapes = planned, group_of, global_shapes
         self._owners, self._planned_blocks = list(owners), plan.blocks
         existing = {block.id for bucket in self._buckets for block in bucket.blocks}
-        grouped: dict[tuple[int, int, int], list[Block]] = {}
+        # Blocks of one group, shape and set of identity sides share a bucket (their state
+        # stacks: an identity side has no factor, so its state has other shapes).
+        grouped: dict[tuple[int, int, int, tuple[str, ...]], list[Block]] = {}
         for block, owner in zip(plan.blocks, owners):
             if owner == router.rank and block.id not in existing:
-                grouped.setdefault((block.group_index, *block.shape), []).append(block)
+                grouped.setdefault((block.group_index, *block.shape, block.identity), []).append(block)
         buckets = list(self._buckets)
-        for (group_index, m, n), blocks in grouped.items():
+        for (group_index, m, n, _), blocks in grouped.items():
             param = params[blocks[0].param_index]
+            sides = blocks[0].factored(self.algorithm.sides)
             state = self.algorithm.create_state(
-                len(blocks), m, n, self._config(group_index), self._state_dtype(param), param.device
+                len(blocks), m, n, self._config(group_index), self._state_dtype(param), param.device, sides
             )
-            buckets.append(Bucket(blocks, state))
+            buckets.append(Bucket(blocks, state, sides))
         self._plan, self._router, self._buckets = plan, router, buckets
+        self._planned_values = [self._plan_values(gi) for gi in range(len(planned))]
         if not router.flat_partitions:
             # Vectors' AdamW state exists from the start (as the blocks' does): checkpoint
             # templates built before the first step (DCP, FSDP1) then cover every parameter.
@@ -208,10 +267,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     self.state[p] = zero_adamw_state(p)
 
     # ------------------------------------------------------------------ step
+    # torch.compile(opt.step), or a compiled training step that calls it, runs this eagerly:
+    # the step is host-side orchestration (plans, per-block counters, one host sync) around
+    # batched linear algebra, so tracing it gains nothing and its Python ints would recompile
+    # it at every step. The surrounding code (the model) is compiled as usual.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step: every check that can fail (gradients, group values, finiteness, on all
-        ranks) runs before any state or parameter changes."""
+        ranks) runs before any state or parameter changes. Under ``torch.compile`` it runs
+        eagerly (a graph break), giving the eager result."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -221,6 +286,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         configs = [self._config(gi) for gi in range(len(self._groups()))]
         assert self._router is not None
         self._check_params_unchanged()
+        self._check_plan_unchanged()
         self._steps_taken += 1
         self._router.begin_step(self.param_groups)
         try:
@@ -285,6 +351,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 continue
             dtype = next(iter(bucket.tensors().values())).dtype
             stacked = torch.stack([grads[i] for i in present]).to(dtype)  # type: ignore[misc]
+            if self.options.maximize:
+                stacked = stacked.neg()  # ascend: the algorithm sees -G (exact, as torch.optim's maximize)
             work.append((bucket, present, stacked))
         return work
 
@@ -372,7 +440,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             step=step,
             first=first,
             config=config,
-            refresh_all=lambda method: policy.refresh_sides(bucket, positions, state, method, self.algorithm.sides, 0),
+            refresh_all=lambda method: policy.refresh_sides(bucket, positions, state, method, bucket.sides, 0),
             refresh_if_due=lambda: policy.maybe_refresh(bucket, positions, state, step, config),
         )
 
@@ -395,7 +463,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 state = self._fragment_state[v.param_index][1]
             by_group.setdefault(v.group_index, []).append((v.value, v.grad, state))
         for group_index, items in by_group.items():
-            adamw_step(items, configs[group_index])
+            adamw_step(items, configs[group_index], maximize=self.options.maximize, foreach=self.options.foreach)
 
     def _note_skip(self, param_index: int, count: int) -> None:
         """Warn when a parameter's gradient is refused for the 1st, 10th, 100th, ... time."""
@@ -474,7 +542,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """
         self._setup()
         assert self._plan is not None
-        known = {b.id for b in self._plan.blocks}
+        known = {b.id: b.factored(self.algorithm.sides) for b in self._plan.blocks}
         refreshed = self._refresh.refresh_now(self._buckets, known, select, method, tolerance)
         self._refresh.raise_fatal()
         return refreshed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ class RefreshPolicy:
         start = self.algorithm.refresh_start(config)
         if step < start:
             return
-        sides = self.algorithm.sides
+        sides = bucket.sides
         if self.owner is not None:
             # The owner schedules refreshes, but roots must exist once preconditioning starts.
             for side in sides:
@@ -70,7 +70,7 @@ class RefreshPolicy:
     ) -> list[RefreshedFactor]:
         """Refresh, side by side, the factors whose staleness exceeds ``tolerance``."""
         refreshed: list[RefreshedFactor] = []
-        for side in self.algorithm.sides:
+        for side in bucket.sides:
             stale = (staleness(self.algorithm.projected(state, side)) > tolerance).tolist()
             rows = [
                 r for r, i in enumerate(positions)
@@ -136,12 +136,13 @@ class RefreshPolicy:
     def refresh_now(
         self,
         buckets: Sequence[Bucket],
-        known_ids: set[str],
+        known_ids: Mapping[str, tuple[str, ...]],
         select: str | Iterable[str | tuple[str, str]] | None,
         method: str | None,
         tolerance: float | None,
     ) -> list[RefreshedFactor]:
-        """:meth:`PreconditionedOptimizer.refresh_eigenbasis` over ``buckets``."""
+        """:meth:`PreconditionedOptimizer.refresh_eigenbasis` over ``buckets``; ``known_ids``:
+        every planned block's id and its sides with a factor."""
         if method is not None and method not in REFRESH_METHODS:
             raise ValueError(f"method must be one of {REFRESH_METHODS}, got {method!r}")
         if tolerance is not None:
@@ -154,12 +155,18 @@ class RefreshPolicy:
                 raise ValueError(f"select must be None, 'stale' or an iterable of block ids, got {select!r}")
             wanted = {}
             for item in select:
-                block_id, chosen = (item, sides) if isinstance(item, str) else (item[0], (item[1],))
+                block_id = item if isinstance(item, str) else item[0]
                 if block_id not in known_ids:
                     raise ValueError(f"select names an unknown block id {block_id!r}")
+                chosen = known_ids[block_id] if isinstance(item, str) else (item[1],)
                 for side in chosen:
                     if side not in sides:
                         raise ValueError(f"side must be one of {sides}, got {side!r}")
+                    if side not in known_ids[block_id]:
+                        raise ValueError(
+                            f"block {block_id} has no {side} factor (an identity side: its dim is above "
+                            "max_factor_dim), so there is no basis to refresh there"
+                        )
                 wanted.setdefault(block_id, set()).update(chosen)
         refreshed: list[RefreshedFactor] = []
         for bucket in buckets:
@@ -173,7 +180,7 @@ class RefreshPolicy:
                     step = max(bucket.records[i].step for i in ready)
                     refreshed += self.refresh_stale(bucket, ready, state, step, tol, method or "qr")
                     continue
-                for side in sides:
+                for side in bucket.sides:
                     rows = [r for r, i in enumerate(ready) if wanted is None or side in wanted[bucket.blocks[i].id]]
                     if not rows:
                         continue

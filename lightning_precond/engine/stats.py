@@ -33,10 +33,11 @@ class FactorStats:
 
 
 def factor_stats(algorithm: Any, buckets: Sequence[Bucket], name_of: Callable[[int], str]) -> list[FactorStats]:
-    """One record per factor of ``buckets`` (none for algorithms without factors), unsorted."""
+    """One record per factor of ``buckets`` (none for algorithms without factors, nor for
+    identity sides, which have no factor), unsorted."""
     records: list[FactorStats] = []
     for bucket in buckets:
-        for side in algorithm.sides:
+        for side in bucket.sides:
             projected = algorithm.projected(bucket.state, side)
             stale = staleness(projected).tolist()
             current = torch.diagonal(projected, dim1=-2, dim2=-1)

@@ -31,9 +31,13 @@ def zero_adamw_state(p: Tensor) -> dict[str, Tensor]:
 def adamw_step(
     items: Iterable[tuple[Tensor, Tensor, MutableMapping[str, Tensor]]],
     config: Any,
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
 ) -> None:
     """One AdamW step of every ``(value, grad, state)`` with a group config's ``lr``,
-    ``weight_decay`` and :meth:`vector_adamw` hyperparameters (one kernel call)."""
+    ``weight_decay`` and :meth:`vector_adamw` hyperparameters (one kernel call); ``maximize``
+    and ``foreach`` as torch.optim.AdamW's (``foreach=None``: torch picks, as AdamW does)."""
     values, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
     for value, grad, state in items:
         values.append(value)
@@ -46,7 +50,7 @@ def adamw_step(
     beta1, beta2, eps = config.vector_adamw()
     adamw(
         values, grads, exp_avgs, exp_avg_sqs, [], steps,
-        foreach=None,  # torch picks its own default path, as torch.optim.AdamW does
+        foreach=foreach,
         amsgrad=False, beta1=beta1, beta2=beta2, lr=config.lr, weight_decay=config.weight_decay,
-        eps=eps, maximize=False,
+        eps=eps, maximize=maximize,
     )
