@@ -14,6 +14,7 @@ from lightning_precond.blocks import PlanLimits, plan_blocks
 from lightning_precond.options import EngineOptions
 from lightning_precond.registry import ALGORITHMS, names
 from tests import references as ref
+from tests.test_algorithms import run
 
 WITH_SIDES = names(has_basis=True)  # every algorithm with Kronecker factors
 
@@ -25,17 +26,6 @@ def rectangular(rows: int, cols: int, seed: int = 0):
     y = torch.randn(3 * rows, cols, generator=gen, dtype=torch.float64)
     w0 = torch.randn(rows, cols, generator=gen, dtype=torch.float64) * 0.1
     return w0, lambda w: x.T @ (x @ w - y) / x.shape[0]
-
-
-def run(opt_factory, w0, grad_fn, calls: int) -> list[torch.Tensor]:
-    param = torch.nn.Parameter(w0.clone())
-    opt = opt_factory([param])
-    out = []
-    for _ in range(calls):
-        param.grad = grad_fn(param.detach().clone())
-        opt.step()
-        out.append(param.detach().clone())
-    return out
 
 
 def assert_trajectory(ours, theirs, rtol: float) -> None:
