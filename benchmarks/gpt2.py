@@ -129,14 +129,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------- data, model
-def byte_tokens(text: str, vocab: int) -> torch.Tensor:
-    """Byte ``b`` -> token ``b * (vocab // 256)``: the 256 byte ids spread over the table."""
-    if vocab < 256:
-        raise ValueError(f"vocab must be >= 256 for a byte-level tokenizer, got {vocab}")
-    raw = torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8)
-    return raw.long() * (vocab // 256)
-
-
 def build_model(shape: Shape, seed: int) -> CharGPT:
     torch.manual_seed(seed)
     return CharGPT(shape.vocab, block_size=shape.context, n_layer=shape.layers, n_head=shape.heads,
@@ -529,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         text = example_data.load_shakespeare()
-        tokens = byte_tokens(text, cfg.shape.vocab)
+        tokens = example_data.byte_tokens(text, cfg.shape.vocab)
         train, held_out = example_data.train_eval_split(tokens, 0.05)
         eval_set = list(example_data.eval_batches(held_out, cfg.eval_batch_size, cfg.shape.context,
                                                   max_batches=cfg.eval_batches))

@@ -8,6 +8,12 @@ Each task is CPU-sized and reads its data offline through ``examples/data.py``:
   the 10k test images.
 * ``autoencoder`` -- the 784-1000-500-250-30 deep autoencoder (mirrored decoder) on
   Fashion-MNIST, per-pixel binary cross-entropy on the logits; eval on the same test subset.
+* ``convnet`` -- a LeNet-style conv net (5x5 convolutions, 16 and 32 channels) on
+  Fashion-MNIST, cross-entropy; eval on the same test subset.
+* ``gpt2`` -- CharGPT in GPT-2's layout at a CPU width: the 50257-row vocabulary with a tied
+  head (byte-level tokens spread over the table, ``examples/data.byte_tokens``), width 128,
+  2 layers, context 32, batch 8; eval on held-out Shakespeare. It is the shape whose embedding takes
+  an identity side (``max_factor_dim``).
 
 Every contender in a run sees the same initial weights (``model_seed``) and the same batches
 (drawn once per step from ``data_seed`` and fed to all contenders), so differences come from
@@ -32,11 +38,11 @@ if str(_EXAMPLES) not in sys.path:
     sys.path.insert(0, str(_EXAMPLES))
 
 import data as example_data  # noqa: E402  (examples/data.py)
-from models import MLP, CharGPT, DeepAutoencoder  # noqa: E402  (examples/models.py)
+from models import MLP, CharGPT, ConvNet, DeepAutoencoder  # noqa: E402  (examples/models.py)
 
 __all__ = ["Task", "TASK_NAMES", "build_task"]
 
-TASK_NAMES = ("chargpt", "mlp", "autoencoder")
+TASK_NAMES = ("chargpt", "mlp", "autoencoder", "convnet", "gpt2")
 
 
 @dataclass
@@ -73,12 +79,10 @@ def _seeded(factory: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Modu
     return make
 
 
-def _chargpt(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
-    text = example_data.load_shakespeare()
-    stoi, itos = example_data.char_vocab(text)
-    tokens = example_data.encode(text, stoi)
+def _language_model(name: str, tokens: torch.Tensor, vocab: int, model: Callable[[], nn.Module], what: str,
+                    model_seed: int, data_seed: int, quick: bool, batch_size: int = 16, block: int = 64) -> Task:
+    """A next-token task on ``tokens`` (last 5% held out) for a CharGPT-like ``model``."""
     train, held_out = example_data.train_eval_split(tokens, 0.05)
-    block, batch_size = 64, 16
     eval_set = list(example_data.eval_batches(held_out, 32, block, max_batches=2 if quick else 4))
 
     def batches() -> Iterator[Any]:
@@ -89,19 +93,39 @@ def _chargpt(model_seed: int, data_seed: int, quick: bool, fashion_root: str | N
         x, y = batch
         return model(x, y)[1]
 
-    vocab = len(itos)
     return Task(
-        name="chargpt",
-        description=(
-            f"CharGPT (2 layers, n_embd 128, 4 heads, context {block}, vocab {vocab}) on "
-            f"Shakespeare, batch {batch_size}; eval: {len(eval_set)} x 32 held-out windows"
-        ),
-        make_model=_seeded(lambda: CharGPT(vocab, block_size=block, n_layer=2, n_head=4, n_embd=128), model_seed),
+        name=name,
+        description=(f"{what} (vocab {vocab}, context {block}) on Shakespeare, batch {batch_size}; "
+                     f"eval: {len(eval_set)} x 32 held-out windows"),
+        make_model=_seeded(model, model_seed),
         batches=batches,
         loss=loss,
         eval_set=eval_set,
         default_steps=300,
     )
+
+
+def _chargpt(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
+    text = example_data.load_shakespeare()
+    stoi, itos = example_data.char_vocab(text)
+    vocab = len(itos)
+    return _language_model(
+        "chargpt", example_data.encode(text, stoi), vocab,
+        lambda: CharGPT(vocab, block_size=64, n_layer=2, n_head=4, n_embd=128),
+        "CharGPT (2 layers, n_embd 128, 4 heads)", model_seed, data_seed, quick)
+
+
+GPT2_VOCAB = 50257
+
+
+def _gpt2(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
+    vocab = 2048 if quick else GPT2_VOCAB
+    tokens = example_data.byte_tokens(example_data.load_shakespeare(), vocab)
+    return _language_model(
+        "gpt2", tokens, vocab,
+        lambda: CharGPT(vocab, block_size=32, n_layer=2, n_head=4, n_embd=128, tied_head=True),
+        "CharGPT in GPT-2's layout (tied head, 2 layers, n_embd 128, 4 heads, byte tokens spread over the table)",
+        model_seed, data_seed, quick, batch_size=8, block=32)
 
 
 @functools.lru_cache(maxsize=2)
@@ -168,7 +192,27 @@ def _autoencoder(model_seed: int, data_seed: int, quick: bool, fashion_root: str
     )
 
 
-_BUILDERS = {"chargpt": _chargpt, "mlp": _mlp, "autoencoder": _autoencoder}
+def _convnet(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
+    fm = _fashion(fashion_root)
+    batch_size, n_eval = 128, (500 if quick else 2000)
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    return Task(
+        name="convnet",
+        description=(f"ConvNet (5x5 conv 16, 5x5 conv 32, max-pool, linear) on Fashion-MNIST, batch {batch_size}; "
+                     f"eval: first {n_eval} test images"),
+        make_model=_seeded(lambda: ConvNet((16, 32), 10), model_seed),
+        batches=lambda: _image_batches(fm["train_x"], fm["train_y"], batch_size, data_seed),
+        loss=loss,
+        eval_set=_eval_subset(fm["test_x"], fm["test_y"], n_eval),
+        default_steps=200,
+    )
+
+
+_BUILDERS = {"chargpt": _chargpt, "mlp": _mlp, "autoencoder": _autoencoder, "convnet": _convnet, "gpt2": _gpt2}
 
 
 def build_task(

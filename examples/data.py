@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "DataError",
+    "byte_tokens",
     "SHAKESPEARE_ARCHIVE_ENV",
     "SHAKESPEARE_NUM_BYTES",
     "SHAKESPEARE_SHA256",
@@ -270,6 +271,16 @@ def decode(ids: torch.Tensor | Sequence[int], itos: Sequence[str]) -> str:
     if isinstance(ids, torch.Tensor):
         ids = ids.reshape(-1).tolist()
     return "".join(itos[i] for i in ids)
+
+
+def byte_tokens(text: str, vocab: int) -> torch.Tensor:
+    """A byte-level tokenization spread over a ``vocab``-row table: byte ``b`` is token
+    ``b * (vocab // 256)``, so the rows in use are scattered over the whole table as a real
+    vocabulary's are (GPT-2-shaped benchmarks: 50257 rows, 256 of them used)."""
+    if vocab < 256:
+        raise ValueError(f"vocab must be >= 256 for a byte-level tokenizer, got {vocab}")
+    raw = torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8)
+    return raw.long() * (vocab // 256)
 
 
 def train_eval_split(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CausalSelfAttention", "Block", "CharGPT", "MLP", "DeepAutoencoder"]
+__all__ = ["CausalSelfAttention", "Block", "CharGPT", "MLP", "DeepAutoencoder", "ConvNet"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -196,3 +196,22 @@ class DeepAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[B, dims[0]]`` in ``[0, 1]``."""
         return self.out_act(self.reconstruction_logits(x))
+
+
+class ConvNet(nn.Module):
+    """A small LeNet-style classifier for 28x28 images: two 5x5 convolutions (``channels``)
+    with ReLU and 2x2 max-pooling, then a linear layer. Its conv kernels are the
+    ``[out, in * 25]`` matrices a preconditioner sees."""
+
+    def __init__(self, channels: Sequence[int] = (16, 32), num_classes: int = 10) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(c2 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, 784]`` or ``[B, 1, 28, 28]``; returns class logits ``[B, num_classes]``."""
+        return self.classifier(self.features(x.reshape(-1, 1, 28, 28)).flatten(1))
