@@ -11,8 +11,11 @@ Kronecker factor has drifted from the eigenbasis the optimizer is using.
 Outputs (under ``--out``, default ``runs/demo``):
 
 * ``<optimizer>/metrics.csv`` -- Lightning ``CSVLogger`` logs (train/eval loss, lr, staleness);
-* ``demo.png`` -- (a) eval loss vs step, (b) mean eigenbasis staleness vs step;
-* ``summary.csv`` -- the table printed at the end (optimizer, final eval loss, seconds, steps).
+* ``demo.png`` -- (a) eval loss vs step, (b) eval loss vs training wall-clock, (c) mean
+  eigenbasis staleness vs step;
+* ``summary.csv`` -- the table printed at the end (optimizer, final eval loss, seconds, steps);
+  README.md's demo table is this file of a recorded run (``examples/results/``);
+* ``curves.csv`` -- every eval point: optimizer, step, seconds of training steps, eval loss.
 
 Learning rates and betas were chosen by a short sweep of this exact run (300 steps, one
 seed, on this 2-core machine), keeping each optimizer's lowest final eval loss:
@@ -69,7 +72,7 @@ if _EXAMPLES_DIR not in sys.path:  # sibling modules (data, models, lightning_gp
 
 import torch
 from data import DataError
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from lightning_gpt import OPTIMIZERS, REGISTRY_NAMES, CharCorpus, CharGPTModule, ShakespeareDataModule
 
@@ -185,6 +188,27 @@ class RunResult:
     seconds: float
     steps: int
     log_dir: Path
+    # (global step, seconds of training steps so far) at every eval: the wall-clock axis.
+    clock: tuple[tuple[int, float], ...] = ()
+
+
+class TrainingClock(Callback):
+    """Seconds spent in training batches (forward, backward, optimizer step; evals excluded),
+    read at every validation: the x axis of the loss-vs-wall-clock panel."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.points: list[tuple[int, float]] = []
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.points.append((trainer.global_step, self.seconds))
 
 
 # --------------------------------------------------------------------------- arguments
@@ -280,7 +304,8 @@ def train_one(name: str, lr: float, cfg: RunConfig, corpus: CharCorpus, out: Pat
         block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
         warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, init_seed=cfg.seed,
     )
-    callbacks = []
+    clock = TrainingClock()
+    callbacks: list[Callback] = [clock]
     if has_basis(name):
         callbacks.append(EigenStalenessMonitor(log_every_n_steps=cfg.staleness_every, per_layer=False))
         if cfg.adaptive_tolerance is not None:
@@ -309,7 +334,7 @@ def train_one(name: str, lr: float, cfg: RunConfig, corpus: CharCorpus, out: Pat
     if trainer.global_step % cfg.eval_every:  # the last step was not an eval step
         trainer.validate(module, datamodule=datamodule, verbose=False)
     final = float(trainer.callback_metrics["eval_loss"])
-    return RunResult(name, lr, final, seconds, trainer.global_step, log_dir)
+    return RunResult(name, lr, final, seconds, trainer.global_step, log_dir, tuple(clock.points))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -333,13 +358,14 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot(results: Sequence[RunResult], cfg: RunConfig, path: Path) -> None:
-    """Two panels: (a) eval loss vs step, (b) mean staleness vs step (preconditioned runs)."""
+    """Three panels: (a) eval loss vs step, (b) eval loss vs training wall-clock, (c) mean
+    staleness vs step (preconditioned runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_stale) = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    fig, (ax_loss, ax_clock, ax_stale) = plt.subplots(1, 3, figsize=(17, 4.6), constrained_layout=True)
     any_staleness = False
     eval_series: list[list[tuple[int, float]]] = []
     for r in results:
@@ -353,6 +379,11 @@ def plot(results: Sequence[RunResult], cfg: RunConfig, path: Path) -> None:
         if evals:
             ax_loss.plot(*zip(*evals), color=line_color, marker="o", markersize=3.5, linewidth=1.8,
                          label=line_label)
+            seconds_at = dict(r.clock)
+            timed = [(seconds_at[step], v) for step, v in evals if step in seconds_at]
+            if timed:
+                ax_clock.plot(*zip(*timed), color=line_color, marker="o", markersize=3.5, linewidth=1.8,
+                              label=line_label)
         stale = series.get(STALENESS_KEY, [])
         if stale:
             any_staleness = True
@@ -371,10 +402,15 @@ def plot(results: Sequence[RunResult], cfg: RunConfig, path: Path) -> None:
         ax_loss.annotate(f"all start at {starts[0]:.2f} (step 0)", xy=(0.03, 0.03), xycoords="axes fraction",
                          ha="left", va="bottom", fontsize=9, color="dimgray")
     ax_loss.legend(loc="upper right")
+    ax_clock.set_title("(b) held-out eval loss vs wall-clock", fontsize=11)
+    ax_clock.set_xlabel("seconds in training steps (evals excluded)")
+    ax_clock.set_ylabel("cross-entropy (nats / character)")
+    ax_clock.set_ylim(ax_loss.get_ylim())
+    ax_clock.grid(alpha=0.3)
 
     refresh = (f"adaptive refresh, tolerance {cfg.adaptive_tolerance:g}" if cfg.adaptive_tolerance is not None
                else "refreshed every 10 steps")
-    ax_stale.set_title(f"(b) eigenbasis staleness, mean over factors ({refresh})", fontsize=11)
+    ax_stale.set_title(f"(c) eigenbasis staleness, mean over factors ({refresh})", fontsize=11)
     ax_stale.set_xlabel("optimizer step")
     ax_stale.set_ylabel(r"$\|\mathrm{offdiag}(Q^\top A Q)\|_F\,/\,\|Q^\top A Q\|_F$")
     ax_stale.grid(alpha=0.3)
@@ -403,6 +439,17 @@ def format_table(results: Sequence[RunResult]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = [header, tuple("-" * w for w in widths), *rows]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def write_curves(results: Sequence[RunResult], path: Path) -> None:
+    """Every eval point with its step and training seconds (the data of panels (a) and (b))."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["optimizer", "step", "train_seconds", "eval_loss"])
+        for r in results:
+            seconds_at = dict(r.clock)
+            for step, loss in read_metrics(r.log_dir / "metrics.csv").get("eval_loss", []):
+                writer.writerow([r.optimizer, step, f"{seconds_at.get(step, float('nan')):.3f}", f"{loss:.6f}"])
 
 
 def write_summary(results: Sequence[RunResult], path: Path) -> None:
@@ -448,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     png = args.out / "demo.png"
     plot(results, cfg, png)
     write_summary(results, args.out / "summary.csv")
+    write_curves(results, args.out / "curves.csv")
     print()
     print(format_table(results))
     print(f"\nlogs: {args.out}/<optimizer>/metrics.csv   plot: {png}   table: {args.out / 'summary.csv'}")

@@ -77,6 +77,13 @@ def test_quick_demo_writes_logs_plot_and_table(
     png = out / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Every eval point has its training seconds: 0 at step 0, then growing with the steps.
+    curves = _csv_rows(out / "curves.csv")
+    for name in DEFAULT_RUN:
+        points = [(int(r["step"]), float(r["train_seconds"])) for r in curves if r["optimizer"] == name]
+        assert points[0] == (0, 0.0) and points[-1][0] == steps and len(points) >= 3
+        assert all(b[1] > a[1] for a, b in zip(points, points[1:])), points
+
     summary = _csv_rows(out / "summary.csv")
     assert [r["optimizer"] for r in summary] == list(DEFAULT_RUN)
     for r in summary:
