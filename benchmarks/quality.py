@@ -250,6 +250,7 @@ class Cache:
         self.deadline = deadline
         self.ran = 0
         self.reused = 0
+        self.seconds = 0.0  # wall-clock of every run the report covers (trained now or cached)
         self.out_of_time = False
         self._versions: dict[str, str] = {}
         self._tasks: dict[tuple[str, int, bool], Task] = {}
@@ -269,6 +270,7 @@ class Cache:
             record = json.loads(path.read_text())
             if record.get("fingerprint") == fp:
                 self.reused += 1
+                self.seconds += record.get("wall_seconds", 0.0)
                 return record
         if not run or time.monotonic() > self.deadline:
             self.out_of_time = self.out_of_time or run
@@ -286,6 +288,7 @@ class Cache:
         tmp.write_text(json.dumps(record))
         tmp.replace(path)  # atomic: an interrupted run leaves no half-written record
         self.ran += 1
+        self.seconds += record["wall_seconds"]
         print(f"[quality] {key.task} {c.name} lr={key.lr:g} seed={key.seed}: {record['status']} "
               f"final={final_loss(record):.4f} ({record['wall_seconds']:.0f} s)", flush=True)
         return record
@@ -540,7 +543,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         plot(task, sweeps, args.out)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     incomplete = sum(not r["complete"] for rows in task_rows.values() for r in rows)
-    note = (f"{cache.ran} runs trained now, {cache.reused} reused from the cache; "
+    note = (f"{cache.ran} runs trained now, {cache.reused} reused from the cache "
+            f"({cache.seconds / 60:.0f} min of runs in all); "
             + (f"{incomplete} sweeps incomplete (re-run the command to continue)." if incomplete
                else "every sweep complete."))
     if unavailable:
