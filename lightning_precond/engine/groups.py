@@ -79,6 +79,7 @@ def plan_values(group: Mapping[str, Any], options: EngineOptions) -> tuple[bool,
     )
 
 
-def plan_limits(group: Mapping[str, Any], options: EngineOptions) -> PlanLimits:
+def plan_limits(group: Mapping[str, Any], options: EngineOptions, one_side: str | None = None) -> PlanLimits:
+    """The group's :class:`PlanLimits`; ``one_side``: a one-sided algorithm's side choice."""
     _, max_dim, max_factor_dim = plan_values(group, options)
-    return PlanLimits(max_dim if max_dim is not None else EngineOptions.NO_LIMIT, max_factor_dim)
+    return PlanLimits(max_dim if max_dim is not None else EngineOptions.NO_LIMIT, max_factor_dim, one_side)

@@ -239,7 +239,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         global_shapes = router.global_shapes(params)
         groups = self._groups()
         unblocked = {i for i, gi in enumerate(group_of) if not groups[gi].get("precondition", True)}
-        limits = [plan_limits(groups[gi], self.options) for gi in range(len(planned))]
+        # One-sided algorithms (ASGO) leave their other side to the identity-side mechanism.
+        one_side = getattr(self.algorithm, "one_side", None)
+        limits = [plan_limits(groups[gi], self.options, one_side) for gi in range(len(planned))]
         plan = plan_blocks(global_shapes, group_of, limits, self.options.precondition_1d, unblocked=unblocked)
         keep = self._owners  # blocks planned before a group was added keep their owners
         if plan.blocks[: len(keep)] != self._planned_blocks:
