@@ -35,6 +35,12 @@ from .vectors import adamw_step, zero_adamw_state
 __all__ = ["PreconditionedOptimizer"]
 
 
+def spectrally_normalized(update: Tensor) -> Tensor:
+    """``U / ||U||_op`` for every block of a stack ``[k, m, n]`` (a zero block stays zero)."""
+    norms = torch.linalg.matrix_norm(update, ord=2, keepdim=True)
+    return update / norms.clamp_min(torch.finfo(update.dtype).tiny)
+
+
 class PreconditionedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` running one algorithm over blocked parameters.
 
@@ -444,7 +450,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     records[i].step = step + 1
             if direction is None:
                 continue
-            delta = direction.update * (-direction.step_size * after)
+            if self._groups()[bucket.group_index].get("spectral_normalization", False):
+                delta = spectrally_normalized(direction.update) * (-config.lr * after)
+            else:
+                delta = direction.update * (-direction.step_size * after)
             updates.extend(BlockUpdate(bucket.blocks[i], delta[r]) for r, i in enumerate(positions))
         return updates
 
