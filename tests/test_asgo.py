@@ -104,3 +104,13 @@ def test_float32_roots_of_an_ill_conditioned_factor_do_not_blow_up_the_step():
         opt.step()
     step_norm = torch.linalg.matrix_norm(param.detach() - before, ord=2).item()
     assert 0.5 < step_norm < 2.0
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"betas": (0.9, 1.5)}, r"betas\[1\]"), ({"betas": (1.0, 0.9)}, r"betas\[0\]"), ({"eps": -1.0}, "eps"),
+    ({"precondition_frequency": 0}, "precondition_frequency"),
+    ({"start_preconditioning_step": 0}, "start_preconditioning_step"), ({"lr": -1.0}, "lr"),
+])
+def test_bad_hyperparameters_raise_value_errors_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        lp.ASGO([torch.nn.Parameter(torch.randn(3, 4))], **kwargs)
