@@ -308,17 +308,12 @@ def param_groups(
 # ---------------------------------------------------------------------------- model-side multipliers
 def _head_fan_in(model: nn.Module, base_model: nn.Module | None, base_widths: Mapping[int, int] | None,
                  overrides: Overrides | None) -> tuple[int, int]:
+    """``(d_in, base d_in)`` of the logits: the untied head's, else (tied) the embedding's width."""
     base_shape = _base_shapes(model, base_model, base_widths, overrides)
-    for group in role_groups(model, overrides=overrides, named=True):
-        if group["role"] in ("head", "embedding"):
-            heads = [(n, p) for n, p in group["params"] if group["role"] == "head"]
-            if heads:
-                pname, param = heads[0]
-                return int(param.shape[1]), int(base_shape(pname, param)[1])
-    # a tied head: the embedding's width
-    for group in role_groups(model, overrides=overrides, named=True):
-        if group["role"] == "embedding":
-            pname, param = group["params"][0]
+    groups = {g["role"]: g for g in role_groups(model, overrides=overrides, named=True)}
+    for role in ("head", "embedding"):
+        if role in groups:
+            pname, param = next((n, p) for n, p in groups[role]["params"] if p.dim() >= 2)
             return int(param.shape[1]), int(base_shape(pname, param)[1])
     raise ValueError("the model has no head or embedding: no output multiplier to compute")
 

@@ -307,3 +307,12 @@ def test_lightning_cli_trains_with_transfer_groups(tmp_path):
     assert [(g["role"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
         (g["role"], g["lr"], g["weight_decay"]) for g in expected]
     assert cli.trainer.global_step == 3
+
+
+def test_the_optimizer_may_be_given_as_its_class():
+    model, base = gpt(64), gpt(32)
+    by_class = transfer.param_groups(model, base_model=base, lr=1e-2, weight_decay=0.0, optimizer=lp.Muon)
+    by_name = transfer.param_groups(model, base_model=base, lr=1e-2, weight_decay=0.0, optimizer="Muon")
+    assert [g["lr"] for g in by_class] == [g["lr"] for g in by_name]
+    adamw = transfer.param_groups(model, base_model=base, lr=1e-2, weight_decay=0.0, optimizer=torch.optim.AdamW)
+    assert all("precondition" not in g for g in adamw)
