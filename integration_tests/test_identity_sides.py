@@ -64,7 +64,11 @@ def test_identity_sides_across_two_ranks_equal_one_process(name, backend, tolera
     ranks = runs(f"{name}.{backend}")
     assert all(r["world"] == 2 for r in ranks)
     if backend == "ddp":
-        assert ranks[0]["identity"] == [(), ("left",), ("left", "right"), ("right",)]
+        if ALGORITHMS[name].factored_sides == 2:
+            assert ranks[0]["identity"] == [(), ("left",), ("left", "right"), ("right",)]
+        else:  # one-sided (ASGO): every block also has its unpreconditioned side as identity
+            assert ranks[0]["identity"] == sorted({b.identity for b in opt._plan.blocks})
+            assert () not in ranks[0]["identity"] and ("left", "right") in ranks[0]["identity"]
     for r in ranks:
         rel = (torch.linalg.norm(r["params"] - single) / torch.linalg.norm(single)).item()
         assert rel <= tolerance, f"{name} {backend}: relative difference {rel:.2e}"

@@ -4,7 +4,7 @@ Lightning and Accelerate, with preconditioner state sharded across ranks by whol
 from .engine import FactorStats, PreconditionedOptimizer, RefreshedFactor
 from .engine.shards import sharded_state_dict
 from .groups import param_groups, param_roles
-from .optimizers import KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Muon, Shampoo
+from .optimizers import ASGO, KLSOAP, SOAP, EigenvalueCorrectedShampoo, KLShampoo, Muon, Shampoo
 from .options import EngineOptions, EngineOptionsDict
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "KLSOAP",
     "EigenvalueCorrectedShampoo",
     "Muon",
+    "ASGO",
     "PreconditionedOptimizer",
     "EngineOptions",
     "EngineOptionsDict",

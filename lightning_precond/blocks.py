@@ -17,6 +17,9 @@ Two limits shape it, per param group (:class:`PlanLimits`):
   ``Embedding(50000, 4096)`` four 50000 x 1024 blocks, each with a 1024 x 1024 right factor.
   The whole identity side then belongs to one owner rank (its moments, ``2 m n`` numbers for
   SOAP, are not spread over ranks by blocking).
+
+A one-sided algorithm (ASGO, ``PlanLimits.one_side``) reuses exactly this mechanism: the side
+it does not precondition is an identity side of every matrix, whatever its length.
 """
 
 from __future__ import annotations
@@ -27,7 +30,20 @@ from dataclasses import dataclass
 
 from .algorithms.statistics import SIDES
 
-__all__ = ["Block", "BlockPlan", "PlanLimits", "matrix_shape", "plan_blocks"]
+__all__ = ["Block", "BlockPlan", "PlanLimits", "ONE_SIDE_CHOICES", "matrix_shape", "one_sided_factor", "plan_blocks"]
+
+#: How a one-sided algorithm picks the side it preconditions.
+ONE_SIDE_CHOICES = ("smaller", "left", "right")
+
+
+def one_sided_factor(mshape: tuple[int, int], choice: str) -> str:
+    """The side (``"left"``: rows, ``"right"``: columns) that keeps a factor under ``choice``:
+    ``"smaller"`` takes the shorter side of the matrix view (left on a tie)."""
+    if choice == "smaller":
+        return "left" if mshape[0] <= mshape[1] else "right"
+    if choice in SIDES:
+        return choice
+    raise ValueError(f"side must be one of {ONE_SIDE_CHOICES}, got {choice!r}")
 
 
 @dataclass(frozen=True)
@@ -101,11 +117,15 @@ class PlanLimits:
 
     max_dim: int  # largest block side (a huge number: whole matrices)
     max_factor_dim: int | None = None  # a matrix side above this has no factor (None: every side has one)
+    # One-sided algorithms: which side keeps a factor (ONE_SIDE_CHOICES); None: both may.
+    one_side: str | None = None
 
     def identity_sides(self, mshape: tuple[int, int]) -> tuple[str, ...]:
         """The sides of a matrix view ``mshape`` that get no factor."""
         limit = self.max_factor_dim
-        return () if limit is None else tuple(side for side, dim in zip(SIDES, mshape) if dim > limit)
+        kept = SIDES if self.one_side is None else (one_sided_factor(mshape, self.one_side),)
+        return tuple(side for side, dim in zip(SIDES, mshape)
+                     if side not in kept or (limit is not None and dim > limit))
 
 
 def plan_blocks(

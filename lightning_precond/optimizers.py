@@ -14,10 +14,12 @@ from typing import Any, Literal
 import torch
 from typing_extensions import Unpack
 
+from .algorithms.asgo import ASGOConfig, OneSided
 from .algorithms.kronecker import BasisFirst, EigenbasisConfig, ShampooConfig, StatisticsFirst
 from .algorithms.muon import MuonConfig, Orthogonalized
 from .algorithms.scaling import AdamInBasisScaling, EigenvalueCorrectedScaling, InverseRootScaling, KLEigenvalueScaling
 from .algorithms.statistics import KroneckerStatistics, TwoSidedStatistics
+from .blocks import ONE_SIDE_CHOICES
 from .engine import PreconditionedOptimizer
 from .options import EngineOptionsDict, options_help
 
@@ -166,3 +168,39 @@ class Muon(PreconditionedOptimizer):
 for _preset in (SOAP, KLSOAP, KLShampoo, EigenvalueCorrectedShampoo, Shampoo):
     _preset.__doc__ = (_preset.__doc__ or "") + options_help()
 Muon.__doc__ = (Muon.__doc__ or "") + options_help(max_preconditioner_dim=None, max_factor_dim=None)
+
+
+class ASGO(PreconditionedOptimizer):
+    """ASGO, one-sided Shampoo (An et al., NeurIPS 2025): ``(V^{1/2} + eps I)^{-1} M`` on one
+    side of each block, the identity on the other; no grafting.
+
+    ``V = EMA(G G^T; betas[1])`` for the left side (``G^T G`` for the right; ``betas[1] = 1``
+    accumulates, the theory's form), bias-corrected, with exact roots (``eigh``) every
+    ``precondition_frequency`` steps from ``start_preconditioning_step``; ``M`` the
+    bias-corrected gradient EMA (``betas[0]``); decoupled weight decay. ``side`` picks the
+    preconditioned side of every matrix: ``"smaller"`` (default; rows on a tie), ``"left"``
+    (rows) or ``"right"`` (columns). The other side is an identity side of the block plan, so
+    it is never cut into blocks: a tall ``50000 x 1024`` embedding is one block with one
+    ``1024 x 1024`` factor (equations: ``docs/algorithms.md``).
+
+    ``lr=3e-3`` was the best of 3e-4 .. 1e-2 on the benchmarks' char-GPT
+    (``benchmarks/asgo_vs_shampoo.py``).
+
+    Example: ``ASGO(model.parameters(), lr=3e-3)``
+    """
+
+    def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8, weight_decay: float = 0.0, precondition_frequency: int = 10,
+                 start_preconditioning_step: int = 1,
+                 side: Literal["smaller", "left", "right"] = "smaller",
+                 **options: Unpack[EngineOptionsDict]) -> None:
+        if side not in ONE_SIDE_CHOICES:
+            raise ValueError(f"side must be one of {ONE_SIDE_CHOICES}, got {side!r}")
+        config = ASGOConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            precondition_frequency=precondition_frequency,
+                            start_preconditioning_step=start_preconditioning_step)
+        super().__init__(params, config, OneSided(side), **options)
+
+
+ASGO.__doc__ = (ASGO.__doc__ or "") + options_help()
+__all__.append("ASGO")

@@ -18,10 +18,12 @@ import torch
 from .algorithms.base import check_nonnegative, check_positive_int
 from .algorithms.eigenbasis import REFRESH_METHODS
 
-__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "check_dim_limit",
+__all__ = ["EngineOptions", "EngineOptionsDict", "NONFINITE_POLICIES", "REFRESH_MODES", "WEIGHT_DECAY_MODES",
+           "check_dim_limit",
            "check_tolerance", "options_help"]
 
 NONFINITE_POLICIES = ("skip", "raise")
+WEIGHT_DECAY_MODES = ("decoupled", "independent")
 REFRESH_MODES = ("periodic", "adaptive")
 _COMMUNICATION_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -49,6 +51,7 @@ class EngineOptionsDict(TypedDict, total=False):
         capturable: torch.optim's flag: False only (no CUDA-graph capture).
         differentiable: torch.optim's flag: False only (step() is not differentiable).
         checkpoint_timeout: Seconds the writer of a full state_dict() waits for the other ranks to join before raising.
+        weight_decay_mode: "decoupled": W <- (1 - lr * weight_decay) W (AdamW's); "independent": W <- (1 - weight_decay) W, not scaled by lr (the muP 1/width rule's), for blocks and vectors alike.
     """
 
     max_preconditioner_dim: int | None
@@ -70,6 +73,7 @@ class EngineOptionsDict(TypedDict, total=False):
     capturable: bool
     differentiable: bool
     checkpoint_timeout: float
+    weight_decay_mode: Literal["decoupled", "independent"]
 
 
 def check_dim_limit(value: Any, name: str) -> None:
@@ -115,6 +119,7 @@ class EngineOptions:
     capturable: bool = False
     differentiable: bool = False
     checkpoint_timeout: float = 60.0
+    weight_decay_mode: str = "decoupled"
 
     def __post_init__(self) -> None:
         check_dim_limit(self.max_preconditioner_dim, "max_preconditioner_dim")
@@ -148,6 +153,10 @@ class EngineOptions:
             raise ValueError(
                 f"distributed must be None, 'auto', a module or a process group, got {self.distributed!r}"
             )
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(
+                f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {self.weight_decay_mode!r}"
+            )
         if not isinstance(self.maximize, bool):
             raise ValueError(f"maximize must be a bool, got {self.maximize!r}")
         # torch.optim's implementation flags: their default ("let the library choose", or off) is
@@ -164,6 +173,11 @@ class EngineOptions:
                     f"{name}={value!r} is not supported by preconditioned optimizers ({why}); "
                     f"leave {name} at {' or '.join(repr(c) for c in allowed)}"
                 )
+
+    def decay(self, lr: float, weight_decay: float) -> float:
+        """The factor a step multiplies the weights by: ``1 - lr * weight_decay`` (decoupled)
+        or ``1 - weight_decay`` (independent)."""
+        return 1.0 - (weight_decay if self.weight_decay_mode == "independent" else lr * weight_decay)
 
     @property
     def block_limit(self) -> int:

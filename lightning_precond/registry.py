@@ -38,6 +38,8 @@ class AlgorithmEntry:
     # Whether the algorithm keeps Kronecker factors and eigenbases (refresh schedules,
     # staleness and the refresh callbacks apply to it).
     has_basis: bool = True
+    # How many sides of a 2-D block keep a factor (ASGO, one-sided: 1).
+    factored_sides: int = 2
 
     def build(self, params: Iterable[Any], **overrides: Any) -> torch.optim.Optimizer:
         """The optimizer with ``short_run`` settings, ``overrides`` taking precedence."""
@@ -60,6 +62,8 @@ ALGORITHMS: Mapping[str, AlgorithmEntry] = _entries(
     AlgorithmEntry(name="EigenvalueCorrectedShampoo", optimizer=optimizers.EigenvalueCorrectedShampoo,
                    short_run={"lr": 3e-3, "precondition_frequency": 5}),
     AlgorithmEntry(name="Muon", optimizer=optimizers.Muon, short_run={"lr": 3e-3}, has_basis=False),
+    AlgorithmEntry(name="ASGO", optimizer=optimizers.ASGO,
+                   short_run={"lr": 3e-3, "precondition_frequency": 5}, factored_sides=1),
 )
 
 

@@ -36,7 +36,12 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
 )
 
-FACTORS = 4  # two weight matrices, a left and a right factor each
+FACTORS = 4  # two weight matrices, a left and a right factor each (one-sided algorithms: see factors())
+
+
+def factors(name: str) -> int:
+    """The factors of TinyModule's two weight matrices under algorithm ``name``."""
+    return 2 * ALGORITHMS[name].factored_sides
 # The callbacks' tests run with every algorithm that has eigenbases. The exact step counts
 # are SOAP's refresh phase (the basis from the first gradient, refreshed after steps k + 1,
 # 2k + 1, ...), which all share but those in REFRESH_INSIDE_THE_STEP (Shampoo: roots ready
@@ -104,14 +109,21 @@ def _factor_stats(module: TinyModule) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------- monitor
+PER_LAYER_FIELDS = (
+    "staleness", "eigenvalue_staleness", "steps_since_refresh", "refresh_count", "failure_count", "refresh_seconds"
+)
 PER_LAYER = [
     f"precond/{name}/{side}/{field}"
     for name in ("net.0.weight", "net.2.weight")
     for side in ("left", "right")
-    for field in (
-        "staleness", "eigenvalue_staleness", "steps_since_refresh", "refresh_count", "failure_count", "refresh_seconds"
-    )
+    for field in PER_LAYER_FIELDS
 ]
+
+
+def per_layer(module: "TinyModule") -> list[str]:
+    """The per-layer keys of the factors the module's optimizer keeps (one side per matrix
+    for one-sided algorithms)."""
+    return [f"precond/{s.param_name}/{s.side}/{field}" for s in _factor_stats(module) for field in PER_LAYER_FIELDS]
 AGGREGATES = [
     "precond/staleness_mean",
     "precond/staleness_max",
@@ -133,9 +145,11 @@ def test_monitor_logs_per_layer_and_aggregates_to_csv(name: str, tmp_path: Path)
     _trainer([EigenStalenessMonitor(log_every_n_steps=4, per_layer=True)], logger=logger).fit(module, _loader())
 
     rows = _csv_rows(logger)
-    for key in PER_LAYER + AGGREGATES:
+    layer_keys = per_layer(module)
+    assert len(layer_keys) == factors(name) * len(PER_LAYER_FIELDS)
+    for key in layer_keys + AGGREGATES:
         assert sorted(_rows_with(rows, key)) == [4, 8, 12], key
-    for key in PER_LAYER + AGGREGATES:
+    for key in layer_keys + AGGREGATES:
         for value in _rows_with(rows, key).values():
             assert math.isfinite(value), key
             # staleness lies in [0, 1]; eigenvalue_staleness is a relative change (>= 0, not
@@ -144,16 +158,18 @@ def test_monitor_logs_per_layer_and_aggregates_to_csv(name: str, tmp_path: Path)
                 assert 0.0 <= value <= 1.0 + 1e-6, (key, value)
             else:
                 assert value >= 0.0, (key, value)
-    assert set(_rows_with(rows, "precond/factors").values()) == {float(FACTORS)}
+    assert set(_rows_with(rows, "precond/factors").values()) == {float(factors(name))}
     # The last values logged are the optimizer's.
     last = {(s.param_name, s.side): s for s in _factor_stats(module)}
-    assert _rows_with(rows, "precond/net.0.weight/left/refresh_count")[12] == last["net.0.weight", "left"].refresh_count
+    first_name, first_side = next(iter(last))
+    assert (_rows_with(rows, f"precond/{first_name}/{first_side}/refresh_count")[12]
+            == last[first_name, first_side].refresh_count)
     assert _rows_with(rows, "precond/failure_count_total")[12] == 0.0
     if name not in REFRESH_INSIDE_THE_STEP:
         # SOAP refreshes itself after optimizer steps 6 and 11 (frequency 5): at step 8 every
         # factor was refreshed 2 steps ago, twice in all (plus the initial eigendecomposition).
         assert _rows_with(rows, "precond/steps_since_refresh_max")[8] == 2.0
-        assert _rows_with(rows, "precond/net.0.weight/left/refresh_count")[12] == 3.0
+        assert _rows_with(rows, f"precond/{first_name}/{first_side}/refresh_count")[12] == 3.0
 
 
 def test_monitor_logs_aggregates_only_by_default(tmp_path: Path) -> None:
@@ -227,7 +243,7 @@ def test_scheduler_owns_the_schedule(name: str) -> None:
     assert scheduler.refresh_calls == 3 and scheduler.last_refresh_step == 12
     assert scheduler.refresh_seconds > 0.0
     # 1 initial eigendecomposition (first gradient) + refreshes after steps 4, 8, 12.
-    assert [s.refresh_count for s in _factor_stats(module)] == [4] * FACTORS
+    assert [s.refresh_count for s in _factor_stats(module)] == [4] * factors(name)
     assert module.opt.refresh_owner is None  # detached at the end of fit
 
 
@@ -237,8 +253,9 @@ def test_scheduler_counts_optimizer_steps_under_gradient_accumulation(name: str)
     scheduler = RootRecomputeScheduler(every=3)
     _trainer([scheduler], max_steps=6, accumulate_grad_batches=2).fit(module, _loader())
     assert scheduler.refresh_calls == 2 and scheduler.last_refresh_step == 6
-    initial = 0 if name in REFRESH_INSIDE_THE_STEP else 1  # the decomposition at the first gradient
-    assert [s.refresh_count for s in _factor_stats(module)] == [initial + 2] * FACTORS
+    # the decomposition at the first gradient (SOAP & co, and whatever preconditions from step 1)
+    initial = 1 if module.opt.first_refresh_steps()[0] <= 1 else 0
+    assert [s.refresh_count for s in _factor_stats(module)] == [initial + 2] * factors(name)
 
 
 @pytest.mark.parametrize("name", WITH_BASIS)
@@ -263,9 +280,14 @@ def test_default_scheduler_follows_the_algorithm(name: str) -> None:
     alone = TinyModule(name, precondition_frequency=5)
     _trainer([]).fit(alone, _loader())
     assert [s.refresh_count for s in _factor_stats(module)] == [s.refresh_count for s in _factor_stats(alone)]
-    if name in REFRESH_INSIDE_THE_STEP:  # Shampoo: roots ready before steps 5, 10, 15
-        assert scheduler.refresh_calls == 2 and scheduler.last_refresh_step == 9
-        assert [scheduler.should_refresh(s) for s in range(1, 17)] == [s in (4, 9, 14) for s in range(1, 17)]
+    if name in REFRESH_INSIDE_THE_STEP:
+        # roots ready before steps start, start + 5, ... (Shampoo: 5, 10, 15; ASGO: its first
+        # step builds them, then 6, 11, 16)
+        start = module.opt.first_refresh_steps()[0]
+        due = [s for s in range(1, 17) if s >= start - 1 and (s - start + 1) % 5 == 0]
+        assert scheduler.refresh_calls == len([s for s in due if s <= 12]) == 2
+        assert scheduler.last_refresh_step == max(s for s in due if s <= 12)
+        assert [scheduler.should_refresh(s) for s in range(1, 17)] == [s in due for s in range(1, 17)]
     else:
         # SOAP's own phase: after optimizer steps 6 and 11.
         assert scheduler.refresh_calls == 2 and scheduler.last_refresh_step == 11
@@ -294,7 +316,7 @@ def test_checkpoint_round_trip_continues_the_schedule(name: str, tmp_path: Path)
 
     # Counters continue (1 + refreshes after steps 8 and 12), no refresh replayed at step 7.
     assert (resumed.refresh_calls, resumed.last_refresh_step) == (3, 12)
-    assert [s.refresh_count for s in _factor_stats(module)] == [4] * FACTORS
+    assert [s.refresh_count for s in _factor_stats(module)] == [4] * factors(name)
     assert resumed_monitor.last_logged_step == 12
     assert sorted(_rows_with(_csv_rows(logger), "precond/staleness_mean")) == [8, 12]
 
@@ -309,11 +331,11 @@ def test_adaptive_refresh_logs_counts(name: str, tmp_path: Path) -> None:
 
     rows = _csv_rows(logger)
     counts = _rows_with(rows, "precond/adaptive_refreshed")
-    if name in REFRESH_INSIDE_THE_STEP:  # and the check for roots before its first preconditioned step
-        assert set(counts) == {1, 4, 8, 12}
-    else:
-        assert sorted(counts) == [4, 8, 12]
-    assert all(c == int(c) and 0 <= c <= FACTORS for c in counts.values())
+    # precondition_frequency=1 makes Shampoo precondition from step 1, whose roots it builds
+    # inside that step (as ASGO): no extra check for roots (test_adaptive_gives_shampoo_roots_
+    # before_preconditioning has one, with a later start)
+    assert sorted(counts) == [4, 8, 12]
+    assert all(c == int(c) and 0 <= c <= factors(name) for c in counts.values())
     assert adaptive.refreshed_total == sum(counts.values())
     assert _rows_with(rows, "precond/adaptive_refreshed_total")[12] == adaptive.refreshed_total
     assert adaptive.refresh_calls == len(counts) and module.opt.refresh_owner is None

@@ -109,11 +109,14 @@ def _frequency(optimizer: PreconditionedOptimizer) -> tuple[int, bool]:
 
 def _first_basis_step(optimizer: PreconditionedOptimizer) -> int | None:
     """The last step after which an owner must refresh so the first preconditioned step has
-    a basis, or ``None`` when the optimizer builds one from the first gradient (SOAP & co)."""
+    a basis, or ``None`` when the optimizer builds one from the first gradient (SOAP & co).
+    0 when preconditioning starts at step 1 (ASGO; Shampoo told so): its roots are built
+    inside that step (the engine refreshes a never-refreshed factor once preconditioning
+    starts, also under an owner), and the schedule's phase is ``k, 2k, ...`` as the optimizer's."""
     starts = [start for start in optimizer.first_refresh_steps() if start > 0]
     if not starts:
         return None
-    return max(1, min(starts) - 1)
+    return min(starts) - 1
 
 
 # ---------------------------------------------------------------------------- decisions
@@ -364,7 +367,7 @@ class ScheduledRefresh(_RefreshOwnerCore):
                     f"schedule refreshes every factor every {resolved.every} steps (the smallest)"
                 )
             first = _first_basis_step(optimizer)
-            if first is not None and not any(resolved.should_refresh(s) for s in range(1, first + 1)):
+            if first and not any(resolved.should_refresh(s) for s in range(1, first + 1)):
                 notes.append(
                     f"{name} starts preconditioning after step {first} but {resolved!r} does not "
                     "refresh its roots by then: until the first refresh it preconditions with "

@@ -29,7 +29,9 @@ __all__ = ["PLAN_KEYS", "FOREIGN_GROUP_KEYS", "check_group_keys", "check_plan_ke
 PLAN_KEYS = ("precondition", "max_preconditioner_dim", "max_factor_dim")
 # "role": the label lightning_precond.param_groups gives each group (embedding, head, hidden,
 # vector), kept in checkpoints for per-layer rules to key on; it changes nothing in a step.
-_OWN_KEYS = ("params", "param_names", "role", *PLAN_KEYS)
+# "spectral_normalization" (default False): each block's direction U is replaced by
+# U / ||U||_op, so that the step's spectral norm is lr (lightning_precond.transfer).
+_OWN_KEYS = ("params", "param_names", "role", "spectral_normalization", *PLAN_KEYS)
 FOREIGN_GROUP_KEYS = (
     "initial_lr",  # every torch LR scheduler; Lightning's LR finder and StochasticWeightAveraging
     "max_lr", "min_lr", "base_momentum", "max_momentum",  # OneCycleLR, CyclicLR
@@ -59,6 +61,8 @@ def check_plan_keys(group: Mapping[str, Any], has_sides: bool, optimizer: str) -
     """Validate the per-group plan options a group sets (ValueError naming the key)."""
     if not isinstance(group.get("precondition", True), bool):
         raise ValueError(f"precondition must be a bool, got {group['precondition']!r}")
+    if not isinstance(group.get("spectral_normalization", False), bool):
+        raise ValueError(f"spectral_normalization must be a bool, got {group['spectral_normalization']!r}")
     for key in ("max_preconditioner_dim", "max_factor_dim"):
         if key in group:
             check_dim_limit(group[key], key)
@@ -79,6 +83,7 @@ def plan_values(group: Mapping[str, Any], options: EngineOptions) -> tuple[bool,
     )
 
 
-def plan_limits(group: Mapping[str, Any], options: EngineOptions) -> PlanLimits:
+def plan_limits(group: Mapping[str, Any], options: EngineOptions, one_side: str | None = None) -> PlanLimits:
+    """The group's :class:`PlanLimits`; ``one_side``: a one-sided algorithm's side choice."""
     _, max_dim, max_factor_dim = plan_values(group, options)
-    return PlanLimits(max_dim if max_dim is not None else EngineOptions.NO_LIMIT, max_factor_dim)
+    return PlanLimits(max_dim if max_dim is not None else EngineOptions.NO_LIMIT, max_factor_dim, one_side)

@@ -35,6 +35,12 @@ from .vectors import adamw_step, zero_adamw_state
 __all__ = ["PreconditionedOptimizer"]
 
 
+def spectrally_normalized(update: Tensor) -> Tensor:
+    """``U / ||U||_op`` for every block of a stack ``[k, m, n]`` (a zero block stays zero)."""
+    norms = torch.linalg.matrix_norm(update, ord=2, keepdim=True)
+    return update / norms.clamp_min(torch.finfo(update.dtype).tiny)
+
+
 class PreconditionedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` running one algorithm over blocked parameters.
 
@@ -109,7 +115,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         check_group_keys(param_group, self.defaults, checkpoint.TAGS, self.param_groups, name)
         check_plan_keys(param_group, bool(self.algorithm.sides), name)
         # validate the group as it will be, before adding it
-        self.algorithm.config_type.from_group({**self.defaults, **param_group})
+        self._check_decay(self.algorithm.config_type.from_group({**self.defaults, **param_group}))
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         self._group_dicts.append(group)
@@ -125,8 +131,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         cached = self._configs.get(group_index)
         if cached is not None and cached[1].values_of(group) == cached[0]:
             return cached[1]
-        config = self.algorithm.config_type.from_group(group)
+        config = self._check_decay(self.algorithm.config_type.from_group(group))
         self._configs[group_index] = (config.values_of(group), config)
+        return config
+
+    def _check_decay(self, config: GroupConfig) -> GroupConfig:
+        """Independent weight decay is a fraction of the weights per step: at most 1."""
+        if self.options.weight_decay_mode == "independent" and config.weight_decay > 1.0:
+            raise ValueError(
+                "weight_decay must be in [0, 1] with weight_decay_mode='independent' (W <- (1 - weight_decay) W "
+                f"each step), got {config.weight_decay}"
+            )
         return config
 
     def _groups(self) -> list[dict[str, Any]]:
@@ -230,7 +245,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         global_shapes = router.global_shapes(params)
         groups = self._groups()
         unblocked = {i for i, gi in enumerate(group_of) if not groups[gi].get("precondition", True)}
-        limits = [plan_limits(groups[gi], self.options) for gi in range(len(planned))]
+        # One-sided algorithms (ASGO) leave their other side to the identity-side mechanism.
+        one_side = getattr(self.algorithm, "one_side", None)
+        limits = [plan_limits(groups[gi], self.options, one_side) for gi in range(len(planned))]
         plan = plan_blocks(global_shapes, group_of, limits, self.options.precondition_1d, unblocked=unblocked)
         keep = self._owners  # blocks planned before a group was added keep their owners
         if plan.blocks[: len(keep)] != self._planned_blocks:
@@ -399,7 +416,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 if not rows:
                     continue
             updates.extend(self._step_bucket(bucket, present, stacked, flags, configs[bucket.group_index]))
-        self._router.apply_updates(updates, [config.decay for config in configs])
+        self._router.apply_updates(updates, [self._decay(config) for config in configs])
+
+    def _decay(self, config: GroupConfig) -> float:
+        """The group's weight-decay factor under the ``weight_decay_mode`` option."""
+        return self.options.decay(config.lr, config.weight_decay)
 
     def _step_bucket(
         self, bucket: Bucket, present: list[int], grads: Tensor, finite: list[bool], config: GroupConfig
@@ -416,7 +437,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 phases.setdefault((records[i].initialized, records[i].step), []).append(row)
         updates: list[BlockUpdate] = []
         # W <- decay W - a U (AdamW order), or (W - a U) decay when the algorithm decays after.
-        after = config.decay if self.algorithm.decay_after_update else 1.0
+        after = self._decay(config) if self.algorithm.decay_after_update else 1.0
         for (initialized, step), rows in phases.items():
             positions = [present[r] for r in rows]
             g = grads if len(rows) == grads.shape[0] else grads[rows]
@@ -429,7 +450,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     records[i].step = step + 1
             if direction is None:
                 continue
-            delta = direction.update * (-direction.step_size * after)
+            if self._groups()[bucket.group_index].get("spectral_normalization", False):
+                delta = spectrally_normalized(direction.update) * (-config.lr * after)
+            else:
+                delta = direction.update * (-direction.step_size * after)
             updates.extend(BlockUpdate(bucket.blocks[i], delta[r]) for r, i in enumerate(positions))
         return updates
 
@@ -463,7 +487,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 state = self._fragment_state[v.param_index][1]
             by_group.setdefault(v.group_index, []).append((v.value, v.grad, state))
         for group_index, items in by_group.items():
-            adamw_step(items, configs[group_index], maximize=self.options.maximize, foreach=self.options.foreach)
+            adamw_step(items, configs[group_index], maximize=self.options.maximize, foreach=self.options.foreach,
+                       independent_decay=self.options.weight_decay_mode == "independent")
 
     def _note_skip(self, param_index: int, count: int) -> None:
         """Warn when a parameter's gradient is refused for the 1st, 10th, 100th, ... time."""

@@ -34,10 +34,13 @@ def adamw_step(
     *,
     maximize: bool = False,
     foreach: bool | None = None,
+    independent_decay: bool = False,
 ) -> None:
     """One AdamW step of every ``(value, grad, state)`` with a group config's ``lr``,
     ``weight_decay`` and :meth:`vector_adamw` hyperparameters (one kernel call); ``maximize``
-    and ``foreach`` as torch.optim.AdamW's (``foreach=None``: torch picks, as AdamW does)."""
+    and ``foreach`` as torch.optim.AdamW's (``foreach=None``: torch picks, as AdamW does).
+    ``independent_decay``: ``W <- (1 - weight_decay) W`` instead of AdamW's ``1 - lr *
+    weight_decay``, applied where AdamW applies its own (before the Adam step)."""
     values, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
     for value, grad, state in items:
         values.append(value)
@@ -48,9 +51,14 @@ def adamw_step(
     if not values:
         return
     beta1, beta2, eps = config.vector_adamw()
+    weight_decay = config.weight_decay
+    if independent_decay:
+        if weight_decay != 0.0:
+            torch._foreach_mul_(values, 1.0 - weight_decay)
+        weight_decay = 0.0
     adamw(
         values, grads, exp_avgs, exp_avg_sqs, [], steps,
         foreach=foreach,
-        amsgrad=False, beta1=beta1, beta2=beta2, lr=config.lr, weight_decay=config.weight_decay,
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=config.lr, weight_decay=weight_decay,
         eps=eps, maximize=maximize,
     )
