@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from typing_extensions import Unpack
 
-from .algorithms.kronecker import BasisFirst, EigenbasisConfig, ShampooConfig, StatisticsFirst
+from .algorithms.kronecker import BasisFirst, EigenbasisConfig, EigenvalueCorrected, KLConfig, ShampooConfig, StatisticsFirst
 from .algorithms.muon import MuonConfig, Orthogonalized
 from .algorithms.scaling import AdamInBasisScaling, EigenvalueCorrectedScaling, InverseRootScaling, KLEigenvalueScaling
 from .algorithms.statistics import KroneckerStatistics, TwoSidedStatistics
@@ -41,28 +41,36 @@ class SOAP(PreconditionedOptimizer):
 
     def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
-                 precondition_frequency: int = 10, **options: Unpack[EngineOptionsDict]) -> None:
+                 precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
+                 **options: Unpack[EngineOptionsDict]) -> None:
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                                  weight_decay=weight_decay, precondition_frequency=precondition_frequency)
-        super().__init__(params, config, self._algorithm(), **options)
-
-    @staticmethod
-    def _algorithm() -> BasisFirst:
-        return BasisFirst(KroneckerStatistics(), AdamInBasisScaling(), refresh_method="power",
-                          sort_on_refresh=True, decay_after_update=True)
+                                  weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                                  reference=reference, shifted_refresh=shifted_refresh)
+        algorithm = BasisFirst(KroneckerStatistics(), AdamInBasisScaling(), refresh_method="power",
+                               sort_on_refresh=True, decay_after_update=True)
+        super().__init__(params, config, algorithm, **options)
 
 
-class KLSOAP(SOAP):
+class KLSOAP(PreconditionedOptimizer):
     """KL-SOAP (Lin et al. 2025): SOAP's Adam in the eigenbasis over KL-Shampoo's two-sided
-    factors and EMA eigenvalues. Arguments and defaults as :class:`SOAP`.
+    factors and EMA eigenvalues.
 
     Example: ``KLSOAP(model.parameters(), lr=3e-3)``
     """
 
-    @staticmethod
-    def _algorithm() -> BasisFirst:
-        return BasisFirst(TwoSidedStatistics(), AdamInBasisScaling(), refresh_method="power",
-                          sort_on_refresh=True, decay_after_update=True)
+    def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.9, 0.98),
+                 shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
+                 precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
+                 debias: bool | None = None, init_factor: float | Literal["gradient"] | None = None,
+                 max_clamp_value: float | None = 4000.0, **options: Unpack[EngineOptionsDict]) -> None:
+        config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                          precondition_frequency=precondition_frequency, reference=reference,
+                          shifted_refresh=shifted_refresh, debias=debias, init_factor=init_factor,
+                          max_clamp_value=max_clamp_value)
+        algorithm = BasisFirst(TwoSidedStatistics(), AdamInBasisScaling(reference_bias_correction=False),
+                               refresh_method="power", sort_on_refresh=True, decay_after_update=True,
+                               reference_sort=False, config_type=KLConfig)
+        super().__init__(params, config, algorithm, **options)
 
 
 class KLShampoo(PreconditionedOptimizer):
@@ -78,11 +86,15 @@ class KLShampoo(PreconditionedOptimizer):
 
     def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.9, 0.98),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
-                 precondition_frequency: int = 10, **options: Unpack[EngineOptionsDict]) -> None:
-        config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                                  weight_decay=weight_decay, precondition_frequency=precondition_frequency)
+                 precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
+                 debias: bool | None = None, init_factor: float | Literal["gradient"] | None = None,
+                 max_clamp_value: float | None = 4000.0, **options: Unpack[EngineOptionsDict]) -> None:
+        config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                          precondition_frequency=precondition_frequency, reference=reference,
+                          shifted_refresh=shifted_refresh, debias=debias, init_factor=init_factor,
+                          max_clamp_value=max_clamp_value)
         algorithm = BasisFirst(TwoSidedStatistics(), KLEigenvalueScaling(), refresh_method="power",
-                               sort_on_refresh=False)
+                               sort_on_refresh=False, reference_decay_after=True, config_type=KLConfig)
         super().__init__(params, config, algorithm, **options)
 
 
@@ -98,11 +110,13 @@ class EigenvalueCorrectedShampoo(PreconditionedOptimizer):
 
     def __init__(self, params: Params, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  shampoo_beta: float | None = None, eps: float = 1e-12, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, **options: Unpack[EngineOptionsDict]) -> None:
+                 precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
+                 **options: Unpack[EngineOptionsDict]) -> None:
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                                  weight_decay=weight_decay, precondition_frequency=precondition_frequency)
-        algorithm = BasisFirst(KroneckerStatistics(), EigenvalueCorrectedScaling(), refresh_method="eigh",
-                               sort_on_refresh=True)
+                                  weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                                  reference=reference, shifted_refresh=shifted_refresh)
+        algorithm = EigenvalueCorrected(KroneckerStatistics(), EigenvalueCorrectedScaling(), refresh_method="eigh",
+                                        sort_on_refresh=True)
         super().__init__(params, config, algorithm, **options)
 
 
@@ -124,14 +138,14 @@ class Shampoo(PreconditionedOptimizer):
                  nesterov: bool = False, exponent: float = 0.25, precondition_frequency: int = 10,
                  start_preconditioning_step: int | None = None,
                  grafting: Literal["adam", "adagrad", "rmsprop", "sgd"] | None = "adam",
-                 grafting_beta2: float | None = None, grafting_eps: float = 1e-8,
+                 grafting_beta2: float | None = None, grafting_eps: float = 1e-8, reference: bool = False,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = ShampooConfig(
             lr=lr, betas=betas, eps=epsilon, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             exponent=exponent, precondition_frequency=precondition_frequency,
             start_preconditioning_step=precondition_frequency if start_preconditioning_step is None
             else start_preconditioning_step,
-            grafting=grafting, grafting_beta2=grafting_beta2, grafting_eps=grafting_eps)
+            grafting=grafting, grafting_beta2=grafting_beta2, grafting_eps=grafting_eps, reference=reference)
         algorithm = StatisticsFirst(KroneckerStatistics(), InverseRootScaling(), refresh_method="eigh",
                                     sort_on_refresh=False)
         super().__init__(params, config, algorithm, **options)
@@ -154,10 +168,11 @@ class Muon(PreconditionedOptimizer):
     def __init__(self, params: Params, lr: float = 1e-3, *, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.01, ns_steps: int = 5,
                  ns_dtype: Literal["float32", "float64", "bfloat16", "float16"] | torch.dtype = "float32",
-                 update_scale: Literal["rms", "shape"] = "rms", betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, **options: Unpack[EngineOptionsDict]) -> None:
+                 update_scale: Literal["rms", "shape"] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, reference: bool = False, **options: Unpack[EngineOptionsDict]) -> None:
         config = MuonConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                            ns_steps=ns_steps, ns_dtype=ns_dtype, update_scale=update_scale, betas=betas, eps=eps)
+                            ns_steps=ns_steps, ns_dtype=ns_dtype, update_scale=update_scale, betas=betas, eps=eps,
+                            reference=reference)
         options.setdefault("max_preconditioner_dim", None)  # whole matrices: Newton–Schulz needs them
         options.setdefault("max_factor_dim", None)  # no factors: nothing to leave unpreconditioned
         super().__init__(params, config, Orthogonalized(), **options)
