@@ -66,16 +66,22 @@ def test_kl_shampoo_reference_matches_kl_methods():
 
 
 def test_kl_shampoo_reference_keeps_the_clamped_eigenvalues():
-    """A tiny gradient scale puts the eigenvalues on the clamp for the whole run: the reference
-    stores the clamped value, so the floor feeds the next EMA step (max(10, min(d, 4000)) = 10)."""
+    """Gradients 1e-4 x for 25 steps put the eigenvalues on the clamp (max(10, min(d, 4000)) = 10,
+    lambda >= 1e-2); the reference stores the clamped value, so the floor feeds the EMA once the
+    gradients grow (storing the raw EMA instead differs by 1.3e-2 here)."""
     w0, grad_fn = least_squares(1)
     steps, freq = 40, 5
 
-    def small(w):
-        return 1e-4 * grad_fn(w)
-    theirs = ref.kl_shampoo(w0, small, steps, lr=1e-2, b1=0.9, beta=0.95, eps=1e-8, wd=0.01, freq=freq)
-    ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=freq, reference=True),
-               w0, small, steps + 1)
+    def growing():
+        calls = [0]
+
+        def grad(w):
+            calls[0] += 1
+            return (1e-4 if calls[0] <= 25 else 1.0) * grad_fn(w)
+        return grad
+    theirs = ref.kl_shampoo(w0, growing(), steps, lr=1e-2, b1=0.9, beta=0.8, eps=1e-8, wd=0.01, freq=freq)
+    ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.8), precondition_frequency=freq, reference=True),
+               w0, growing(), steps + 1)
     assert_trajectory(ours[1:], theirs, 1e-6)
 
 
