@@ -270,3 +270,21 @@ def test_muon_reference_matches_the_original_equations():
     ours = run(lambda p: lp.Muon(p, lr=0.02, weight_decay=0.01, ns_dtype="float64", reference=True),
                w0, grad_fn, 40)
     assert_trajectory(ours, theirs, 1e-9)
+
+
+@pytest.mark.parametrize("name", ["SOAP", "KLShampoo", "KLSOAP", "EigenvalueCorrectedShampoo", "Shampoo", "Muon"])
+def test_reference_is_a_per_group_hyperparameter(name):
+    """One group in reference mode, one not: each follows the optimizer built for its mode alone."""
+    cls = getattr(lp, name)
+    kwargs = {"precondition_frequency": 3} if name != "Muon" else {"ns_dtype": "float64"}
+    w0, grad_fn = least_squares(5, n=6)
+    mixed = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())]
+    opt = cls([{"params": [mixed[0]], "reference": True}, {"params": [mixed[1]]}], lr=1e-2, **kwargs)
+    alone = run(lambda p: cls(p, lr=1e-2, reference=True, **kwargs), w0, grad_fn, 12)[-1]
+    default = run(lambda p: cls(p, lr=1e-2, **kwargs), w0, grad_fn, 12)[-1]
+    for _ in range(12):
+        for p in mixed:
+            p.grad = grad_fn(p.detach().clone())
+        opt.step()
+    torch.testing.assert_close(mixed[0].detach(), alone, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(mixed[1].detach(), default, rtol=1e-12, atol=1e-14)
