@@ -91,8 +91,9 @@ def kl_inverse(lam: Tensor, cap_value: float | None = 4000, reference: bool = Fa
 
 
 def shifted_qr(factor: Tensor, basis: Tensor) -> Tensor:
-    """HeavyBall 3.2's shifted power step: qr((A + c max|diag(Q^T A Q)| I) Q), c = max(1e-8, min(64 d eps, 1/8))."""
-    c = max(1e-8, min(64 * factor.shape[0] * torch.finfo(factor.dtype).eps, 0.125))
+    """The shifted power step qr((A + c max|diag(Q^T A Q)| I) Q), c = max(1e-8, min(4 d eps, 1/8))
+    (HeavyBall 3.2's with 4 for its 64)."""
+    c = max(1e-8, min(4 * factor.shape[0] * torch.finfo(factor.dtype).eps, 0.125))
     lift = c * torch.diag(basis.T @ factor @ basis).abs().max()
     return torch.linalg.qr((factor + lift * torch.eye(factor.shape[0], dtype=factor.dtype)) @ basis).Q
 

@@ -59,7 +59,8 @@ def test_kl_shampoo_reference_matches_kl_methods():
     w0, grad_fn = least_squares(1)
     steps, freq = 40, 5
     theirs = ref.kl_shampoo(w0, grad_fn, steps, lr=1e-2, b1=0.9, beta=0.95, eps=1e-8, wd=0.01, freq=freq)
-    ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=freq, reference=True),
+    ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.95), shampoo_beta=None, precondition_frequency=freq,
+                                      reference=True),
                w0, grad_fn, steps + 1)
     assert torch.equal(ours[0], w0)
     assert_trajectory(ours[1:], theirs, 1e-6)
@@ -80,16 +81,18 @@ def test_kl_shampoo_reference_keeps_the_clamped_eigenvalues():
             return (1e-4 if calls[0] <= 25 else 1.0) * grad_fn(w)
         return grad
     theirs = ref.kl_shampoo(w0, growing(), steps, lr=1e-2, b1=0.9, beta=0.8, eps=1e-8, wd=0.01, freq=freq)
-    ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.8), precondition_frequency=freq, reference=True),
+    ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.8), shampoo_beta=None, precondition_frequency=freq,
+                                      reference=True),
                w0, growing(), steps + 1)
     assert_trajectory(ours[1:], theirs, 1e-6)
 
 
 def test_kl_shampoo_default_mode_matches_dense_reference():
-    """The default mode: debiased EMAs, eigenvalues from the first gradient's RMS, shifted refresh."""
+    """The default mode: debiased EMAs, eigenvalues from the first gradient's RMS, shifted refresh,
+    shampoo_beta 0.9 (not betas[1])."""
     w0, grad_fn = least_squares(1)
     steps, freq = 40, 5
-    theirs = ref.kl_shampoo(w0, grad_fn, steps, lr=1e-2, b1=0.9, beta=0.95, eps=1e-8, wd=0.01, freq=freq,
+    theirs = ref.kl_shampoo(w0, grad_fn, steps, lr=1e-2, b1=0.9, beta=0.9, eps=1e-8, wd=0.01, freq=freq,
                             reference=False, debias=True, init="gradient", shift=True, decay_after=False)
     ours = run(lambda p: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=freq),
                w0, grad_fn, steps + 1)

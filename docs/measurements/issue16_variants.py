@@ -8,7 +8,12 @@ Usage (one line of JSON per run; ``OMP_NUM_THREADS=1``, one thread)::
     PYTHONPATH=. python docs/measurements/issue16_variants.py TASK OPTIMIZER LR SEED STEPS ['{"kwarg": value}']
     PYTHONPATH=. python docs/measurements/issue16_variants.py autoencoder SOAP 3e-3 0 80 '{"reference": true}'
 
-``issue16_results.jsonl`` holds the runs quoted in the optimizers' docstrings.
+``issue16_results.jsonl`` holds the runs quoted in the optimizers' docstrings. They were
+taken with the tree of commit e1c6a8a (SOAP's betas given explicitly; the shift then was
+HeavyBall's ``64 d eps``); ``"shift_mult": "4"`` runs patched
+``eigenbasis.power_shift`` to ``4 d eps`` (today's default), ``"overlap": true`` runs patched
+``AdamInBasisScaling.on_refresh`` to carry ``V`` over by the squared overlaps
+``(Q_old^T Q_new)^2`` (and ``M`` by ``Q_old^T Q_new``) instead of the permutation.
 """
 import json
 import sys
