@@ -14,7 +14,14 @@ from typing import Any, Literal
 import torch
 from typing_extensions import Unpack
 
-from .algorithms.kronecker import BasisFirst, EigenbasisConfig, EigenvalueCorrected, KLConfig, ShampooConfig, StatisticsFirst
+from .algorithms.kronecker import (
+    BasisFirst,
+    EigenbasisConfig,
+    EigenvalueCorrected,
+    KLConfig,
+    ShampooConfig,
+    StatisticsFirst,
+)
 from .algorithms.muon import MuonConfig, Orthogonalized
 from .algorithms.scaling import AdamInBasisScaling, EigenvalueCorrectedScaling, InverseRootScaling, KLEigenvalueScaling
 from .algorithms.statistics import KroneckerStatistics, TwoSidedStatistics
@@ -36,7 +43,10 @@ class SOAP(PreconditionedOptimizer):
     ``reference=True``: nikhilvyas/SOAP ``soap.py``'s equations: the refresh sorts the columns
     by ``diag(Q^T A Q)`` (``V`` permuted with them, ``M`` re-expressed) and takes
     ``Q <- qr(A Q)``; tested against a float64 transcription, relative error 9e-9 over 40
-    steps. Its defaults are ``betas=(0.95, 0.95)``.
+    steps. Its defaults are ``betas=(0.95, 0.95)``. Outside the blocks the modes agree:
+    vectors take AdamW (the reference's unpreconditioned Adam decays after the update, a
+    difference of ``lr^2 wd`` per step), and dims above ``max_factor_dim`` get an identity
+    side as the reference's ``max_precond_dim`` does.
 
     The default mode differs by measurement (``docs/measurements/issue16_variants.py``: the
     convergence benchmark's settings at one lr, final eval loss, seeds 0 / 1; deep
@@ -126,8 +136,9 @@ class KLShampoo(PreconditionedOptimizer):
 
     ``reference=True``: yorkerlin/KL-Methods ``optim/kl_opt.py``'s equations (its defaults:
     ``shampoo_beta=None``, i.e. ``betas[1]`` = 0.98): eigenvalues from the constant 0.1,
-    plain EMAs, the clamped values stored (the floor feeds the next step) with its clamp order, ``Q <- qr(S Q)``, decay after the update. Tested against a float64
-    transcription: relative error 7e-16 over 40 steps (and on a run through the clamp).
+    plain EMAs, the clamped values stored (the floor feeds the next step) with its clamp
+    order, ``Q <- qr(S Q)``, decay after the update. Tested against a float64 transcription:
+    relative error 7e-16 over 40 steps (and on a run through the clamp).
 
     The default mode differs by measurement (``docs/measurements/issue16_variants.py``, lr
     1e-2 on the char-GPT (200 steps), 3e-3 on the deep autoencoder (80 steps), seeds 0 / 1;
@@ -137,8 +148,9 @@ class KLShampoo(PreconditionedOptimizer):
     reference's 0.98: char-GPT 2.108 / 2.123; with ``shampoo_beta`` 0.9: char-GPT 2.057 /
     2.050, autoencoder 0.361 / 0.358; with the 4 d eps shift (the default): char-GPT 2.053 /
     2.036, autoencoder 0.361 / 0.362. The parts were measured together, not one by one (issue
-    16 reports the gradient-scale initialization alone at 2.40 on the char-GPT). Weight decay precedes the update (AdamW's order; the
-    reference's differs by ``lr^2 wd U``, not measured).
+    16 reports the gradient-scale initialization alone at 2.40 on the char-GPT). Weight decay
+    precedes the update (AdamW's order; the reference's differs by ``lr^2 wd U``, not
+    measured).
 
     Example: ``KLShampoo(model.parameters(), lr=3e-3)``
     """

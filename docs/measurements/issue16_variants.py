@@ -27,7 +27,8 @@ from benchmarks.tasks import build_task
 
 
 def main() -> None:
-    task_name, opt_name, lr, seed, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    task_name, opt_name = sys.argv[1], sys.argv[2]
+    lr, seed, steps = float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     kwargs = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
     torch.set_num_threads(1)
     task = build_task(task_name, model_seed=seed, data_seed=seed + 1, fashion_root="/usr/share/datasets/fashion-mnist")
