@@ -138,12 +138,17 @@ def test_golden_cases_move_every_parameter(golden):
 
 # ---------------------------------------------------------------------------- format v0
 V0 = Path(__file__).parent / "golden" / "v0_checkpoints.pt"
+V0_KL = {"shifted_refresh": False, "debias": False, "init_factor": 0.1}
+# The checkpoints predate issue 16's hyperparameters: built with the old behaviour's values
+# (no shifted refresh; KL: plain EMAs from the constant 0.1), which they then keep.
 V0_OPTIMIZERS = {
-    "SOAP": lambda ps: lp.SOAP(ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8),
+    "SOAP": lambda ps: lp.SOAP(ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8,
+                               shifted_refresh=False),
     "Shampoo": lambda ps: lp.Shampoo(ps, lr=3e-3, precondition_frequency=4, start_preconditioning_step=4,
                                      max_preconditioner_dim=8),
-    "KLShampoo": lambda ps: lp.KLShampoo(ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8),
-    "KLSOAP": lambda ps: lp.KLSOAP(ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8),
+    "KLShampoo": lambda ps: lp.KLShampoo(ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8,
+                                         **V0_KL),
+    "KLSOAP": lambda ps: lp.KLSOAP(ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8, **V0_KL),
     "EigenvalueCorrectedShampoo": lambda ps: lp.EigenvalueCorrectedShampoo(
         ps, lr=3e-3, precondition_frequency=4, max_preconditioner_dim=8),
 }

@@ -68,13 +68,17 @@ def test_the_default_keeps_hidden_matrices_whole_and_gives_vocabularies_an_ident
 
 # ---------------------------------------------------------------------------- one-sided math
 ONE_SIDED = {
-    "SOAP": (lambda p, **kw: lp.SOAP(p, lr=3e-2, shampoo_beta=0.9, precondition_frequency=4, **kw),
+    "SOAP": (lambda p, **kw: lp.SOAP(p, lr=3e-2, betas=(0.95, 0.95), shampoo_beta=0.9, precondition_frequency=4,
+                                     reference=True, **kw),
              lambda w0, g, ident: ref.soap(w0, g, 24, lr=3e-2, b1=0.95, b2=0.95, bs=0.9, eps=1e-8, wd=0.01,
                                            freq=4, identity=ident), True),
-    "KLShampoo": (lambda p, **kw: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=4, **kw),
+    "KLShampoo": (lambda p, **kw: lp.KLShampoo(p, lr=1e-2, betas=(0.9, 0.95), shampoo_beta=None, precondition_frequency=4,
+                                               reference=True,
+                                               **kw),
                   lambda w0, g, ident: ref.kl_shampoo(w0, g, 24, lr=1e-2, b1=0.9, beta=0.95, eps=1e-8, wd=0.01,
                                                       freq=4, identity=ident), True),
-    "KLSOAP": (lambda p, **kw: lp.KLSOAP(p, lr=1e-2, shampoo_beta=0.9, precondition_frequency=4, **kw),
+    "KLSOAP": (lambda p, **kw: lp.KLSOAP(p, lr=1e-2, betas=(0.95, 0.95), shampoo_beta=0.9, precondition_frequency=4,
+                                         reference=True, **kw),
                lambda w0, g, ident: ref.kl_shampoo(w0, g, 24, lr=1e-2, b1=0.0, beta=0.9, eps=1e-8, wd=0.01,
                                                    freq=4, adam=(0.95, 0.95), identity=ident), True),
     "EigenvalueCorrectedShampoo": (

@@ -38,6 +38,8 @@ __all__ = [
     "check_betas",
     "check_nonnegative",
     "check_positive_int",
+    "check_bool",
+    "debiased_beta",
     "tensor_fields",
 ]
 
@@ -50,6 +52,23 @@ def check_nonnegative(value: Any, name: str) -> None:
 def check_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_bool(value: Any, name: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, bool):
+        accepted = "True, False or None" if optional else "True or False"
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def debiased_beta(beta: float, samples: int) -> float:
+    """The EMA coefficient that keeps ``EMA(x; beta)`` bias-corrected (Adam's ``x / (1 - beta^n)``)
+    when ``samples`` values, this one included, have been averaged:
+    ``1 - (1 - beta) / (1 - beta^samples)`` (0 for the first; ``beta == 1`` sums, unchanged)."""
+    if beta >= 1.0 or beta <= 0.0:
+        return beta
+    return 1.0 - (1.0 - beta) / (1.0 - beta**samples)
 
 
 def check_beta(value: Any, name: str, *, allow_one: bool = False) -> None:
@@ -79,10 +98,14 @@ class GroupConfig:
 
     lr: float
     weight_decay: float
+    # The named reference implementation's exact equations (each preset's docstring names it
+    # and lists what the default mode changes, with the measured effect).
+    reference: bool = False
 
     def __post_init__(self) -> None:
         check_nonnegative(self.lr, "lr")
         check_nonnegative(self.weight_decay, "weight_decay")
+        check_bool(self.reference, "reference")
 
     @classmethod
     def from_group(cls: type[C], group: Mapping[str, Any]) -> C:
@@ -180,7 +203,17 @@ class Algorithm(Protocol):
 
     def refresh_start(self, config: Any) -> int: ...
 
-    def refresh(self, state: Any, side: str, method: str, tolerance: float, max_iterations: int) -> list[bool]: ...
+    def decays_after_update(self, config: Any) -> bool:
+        """Whether the group's decay follows the update (``decay_after_update``, or the
+        reference's order when ``config.reference``)."""
+        ...
+
+    def refresh_due(self, step: int, config: Any) -> bool:
+        """The periodic schedule: whether the bases are due after update ``step`` (>= start)."""
+        ...
+
+    def refresh(self, state: Any, side: str, method: str, tolerance: float, max_iterations: int,
+                config: Any = None) -> list[bool]: ...
 
     def projected(self, state: Any, side: str) -> Tensor:
         """``Q^T A Q`` of ``side``'s factor in its current basis, ``[k, d, d]``."""

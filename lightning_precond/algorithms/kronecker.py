@@ -18,13 +18,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import Direction, GroupConfig, StepContext, check_beta, check_betas, check_nonnegative, check_positive_int
+from .base import (
+    Direction,
+    GroupConfig,
+    StepContext,
+    check_beta,
+    check_betas,
+    check_bool,
+    check_nonnegative,
+    check_positive_int,
+    debiased_beta,
+)
 from .eigenbasis import eigh_descending, power_step, qr_algorithm
 from .grafting import GRAFTING_METHODS
 from .scaling import Scaling
-from .statistics import SIDES, KroneckerFactors, KroneckerStatistics
+from .statistics import SIDES, KroneckerFactors, KroneckerStatistics, kl_inverse
 
-__all__ = ["EigenbasisConfig", "ShampooConfig", "KroneckerState", "BasisFirst", "StatisticsFirst"]
+__all__ = ["EigenbasisConfig", "KLConfig", "ShampooConfig", "KroneckerState", "BasisFirst", "StatisticsFirst",
+           "EigenvalueCorrected"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +46,8 @@ class EigenbasisConfig(GroupConfig):
     shampoo_beta: float | None
     eps: float
     precondition_frequency: int
+    # The power refresh is shifted (eigenbasis.power_shift); None: yes unless reference=True.
+    shifted_refresh: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +56,15 @@ class EigenbasisConfig(GroupConfig):
         if self.shampoo_beta is not None:
             check_beta(self.shampoo_beta, "shampoo_beta")
         check_positive_int(self.precondition_frequency, "precondition_frequency")
+        check_bool(self.shifted_refresh, "shifted_refresh", optional=True)
+        if self.reference and self.shifted_refresh:
+            raise ValueError("shifted_refresh=True is not the reference's refresh (plain qr(A Q)); with "
+                             "reference=True pass shifted_refresh=None or False")
+
+    @property
+    def shift(self) -> bool:
+        """Whether the power refresh is shifted."""
+        return (not self.reference) if self.shifted_refresh is None else self.shifted_refresh
 
     @property
     def factor_beta(self) -> float:
@@ -51,6 +73,68 @@ class EigenbasisConfig(GroupConfig):
 
     def vector_adamw(self) -> tuple[float, float, float]:
         return float(self.betas[0]), float(self.betas[1]), float(self.eps)
+
+
+INIT_FROM_GRADIENT = "gradient"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLConfig(EigenbasisConfig):
+    """Per-group hyperparameters of KL-Shampoo and KL-SOAP: :class:`EigenbasisConfig` and the
+    two-sided statistics' options (None: the default mode's choice, or the reference's when
+    ``reference=True``)."""
+
+    # Debiased factor and eigenvalue EMAs, beta_t = 1 - (1 - beta) / (1 - beta^(t+1)) with
+    # t updates since the first gradient. None: True, False when reference=True.
+    debias: bool | None = None
+    # The eigenvalue estimates' initial value: a constant (the reference's c0 = 0.1), or
+    # "gradient" (the first gradient's RMS, per block). None: "gradient", 0.1 when reference.
+    init_factor: float | str | None = None
+    # The clamp lambda^{-1/2} <= max(10, min(d, max_clamp_value)); None: no clamp.
+    max_clamp_value: float | None = 4000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool(self.debias, "debias", optional=True)
+        if self.reference and self.debias:
+            raise ValueError("debias=True is not the reference's statistics (plain EMAs); with reference=True "
+                             "pass debias=None or False")
+        factor = self.init_factor
+        if isinstance(factor, str):
+            if factor != INIT_FROM_GRADIENT:
+                raise ValueError(f"init_factor must be a float > 0, {INIT_FROM_GRADIENT!r} or None, got {factor!r}")
+            if self.reference:
+                raise ValueError(f"init_factor={INIT_FROM_GRADIENT!r} is not the reference's initialization (a "
+                                 "constant, 0.1); with reference=True pass a float or None")
+        elif factor is not None:
+            check_nonnegative(factor, "init_factor")
+            if factor == 0:
+                raise ValueError(f"init_factor must be a float > 0, {INIT_FROM_GRADIENT!r} or None, got {factor!r}")
+        if self.max_clamp_value is not None:
+            check_nonnegative(self.max_clamp_value, "max_clamp_value")
+            if self.max_clamp_value == 0:
+                raise ValueError(f"max_clamp_value must be a float > 0 or None, got {self.max_clamp_value!r}")
+
+    @property
+    def debiased(self) -> bool:
+        return (not self.reference) if self.debias is None else self.debias
+
+    @property
+    def initial_eigenvalue(self) -> float | str:
+        if self.init_factor is None:
+            return 0.1 if self.reference else INIT_FROM_GRADIENT
+        return self.init_factor
+
+    def factor_beta_at(self, samples: int) -> float:
+        """The factors' and eigenvalues' EMA coefficient for the ``samples``-th gradient they
+        absorb (the first gradient, which builds them, is sample 1)."""
+        beta = self.factor_beta
+        return debiased_beta(beta, samples) if self.debiased else beta
+
+    def inverse(self, eigenvalues: Tensor) -> Tensor:
+        """``1 / lambda`` under this group's clamp (the reference's operation order when
+        ``reference=True``)."""
+        return kl_inverse(eigenvalues, self.max_clamp_value, reference=self.reference)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,10 +168,19 @@ class ShampooConfig(GroupConfig):
         if self.grafting_beta2 is not None:
             check_beta(self.grafting_beta2, "grafting_beta2")
         check_nonnegative(self.grafting_eps, "grafting_eps")
+        if self.reference and self.momentum > 0 and self.weight_decay > 0:
+            raise ValueError("reference=True with momentum > 0 and weight_decay > 0 is not supported: "
+                             "distributed_shampoo adds the decay to the direction before its momentum")
 
     @property
     def factor_beta(self) -> float:
         return float(self.betas[1])
+
+    def factor_beta_at(self, step: int) -> float:
+        """The factors' EMA coefficient at update ``step``: with ``reference=True`` the factors
+        are kept bias-corrected, ``L / (1 - beta2^t)``, as distributed_shampoo takes its roots."""
+        beta = self.factor_beta
+        return debiased_beta(beta, step) if self.reference else beta
 
     @property
     def graft_beta2(self) -> float:
@@ -125,14 +218,33 @@ class KroneckerAlgorithm:
         refresh_method: str,
         sort_on_refresh: bool,
         decay_after_update: bool = False,
+        reference_sort: bool | None = None,
+        reference_decay_after: bool | None = None,
+        config_type: type[GroupConfig] | None = None,
     ) -> None:
+        if config_type is not None:
+            self.config_type = config_type
         self.statistics = statistics
         self.scaling = scaling
         self.refresh_method = refresh_method
         # SOAP: reorder columns by diag(Q^T A Q) before a power / QR refresh.
         self.sort_on_refresh = sort_on_refresh
         self.decay_after_update = decay_after_update
+        # The named reference's choices where they differ (reference=True groups).
+        self.reference_sort = sort_on_refresh if reference_sort is None else reference_sort
+        self.reference_decay_after = decay_after_update if reference_decay_after is None else reference_decay_after
         self.gradient_headroom = statistics.headroom
+
+    def decays_after_update(self, config: Any) -> bool:
+        return self.reference_decay_after if config.reference else self.decay_after_update
+
+    def sorts(self, config: Any) -> bool:
+        if config is None:
+            return self.sort_on_refresh
+        return self.reference_sort if config.reference else self.sort_on_refresh
+
+    def refresh_due(self, step: int, config: Any) -> bool:
+        return (step - self.refresh_start(config)) % config.precondition_frequency == 0
 
     # -- state ----------------------------------------------------------------------
     def state_shapes(self, m: int, n: int, config: Any, sides: tuple[str, ...] = SIDES) -> dict[str, tuple[int, ...]]:
@@ -158,17 +270,20 @@ class KroneckerAlgorithm:
         return 0
 
     def refresh(self, state: KroneckerState, side: str, method: str, tolerance: float,
-                max_iterations: int) -> list[bool]:
-        """Recompute ``side``'s basis of every block in ``state``; failed blocks keep theirs."""
+                max_iterations: int, config: Any = None) -> list[bool]:
+        """Recompute ``side``'s basis of every block in ``state``; failed blocks keep theirs.
+        ``config``: the group's (its refresh options); None: the default mode's."""
         factors = state.factors
         factor, old = factors.factor(side), factors.basis(side)
         assert factor is not None and old is not None, f"the {side} side is an identity side: nothing to refresh"
+        sort = self.sorts(config)
         if method == "eigh":
             result = eigh_descending(factor, old)
         elif method == "power":
-            result = power_step(factor, old, self.sort_on_refresh)
+            shift = bool(getattr(config, "shift", False)) if config is not None else False
+            result = power_step(factor, old, sort, shift)
         else:
-            result = qr_algorithm(factor, old, tolerance, max_iterations, self.sort_on_refresh)
+            result = qr_algorithm(factor, old, tolerance, max_iterations, sort)
         if not all(result.ok):
             # A failed matrix keeps its basis and the eigenvalues that go with it.
             keep = torch.tensor(result.ok, device=old.device).view(-1, 1, 1)
@@ -191,14 +306,37 @@ class BasisFirst(KroneckerAlgorithm):
     """First gradient: factors and an exact basis, no update. Then direction, statistics, refresh."""
 
     def step(self, state: KroneckerState, grads: Tensor, ctx: StepContext) -> Direction | None:
-        beta = ctx.config.factor_beta
+        config = ctx.config
+        # The first gradient is sample 1 of the factors' EMA, the gradient of update t sample t + 1.
+        beta_at = getattr(config, "factor_beta_at", None)
         if ctx.first:
-            self.statistics.initialize_from(state.factors, grads, beta)
+            beta = beta_at(1) if beta_at is not None else config.factor_beta
+            self.statistics.initialize_from(state.factors, grads, beta, config)
             ctx.refresh_all("eigh")
             return None
-        update, step_size = self.scaling.direction(state.factors, state.moments, grads, ctx.step, ctx.config)
-        self.statistics.update(state.factors, grads, beta)
+        update, step_size = self.scaling.direction(state.factors, state.moments, grads, ctx.step, config)
+        beta = beta_at(ctx.step + 1) if beta_at is not None else config.factor_beta
+        self.statistics.update(state.factors, grads, beta, config)
         ctx.refresh_if_due()
+        return Direction(update, step_size)
+
+
+class EigenvalueCorrected(BasisFirst):
+    """Eigenvalue-corrected Shampoo: :class:`BasisFirst`, or with ``reference=True`` the order
+    of distributed_shampoo's eigenvalue-corrected preconditioner ("Purifying Shampoo"): every
+    call updates the factors, recomputes the basis when due (first at update
+    ``precondition_frequency``; identity before), then updates the corrected eigenvalues in
+    that basis and forms the direction."""
+
+    def refresh_start(self, config: Any) -> int:
+        return int(config.precondition_frequency) if config.reference else 0
+
+    def step(self, state: KroneckerState, grads: Tensor, ctx: StepContext) -> Direction | None:
+        if not ctx.config.reference:
+            return super().step(state, grads, ctx)
+        self.statistics.update(state.factors, grads, ctx.config.factor_beta, ctx.config)
+        ctx.refresh_if_due()
+        update, step_size = self.scaling.direction(state.factors, state.moments, grads, ctx.step, ctx.config)
         return Direction(update, step_size)
 
 
@@ -210,8 +348,14 @@ class StatisticsFirst(KroneckerAlgorithm):
     def refresh_start(self, config: Any) -> int:
         return int(config.start_preconditioning_step)
 
+    def refresh_due(self, step: int, config: Any) -> bool:
+        start, every = self.refresh_start(config), config.precondition_frequency
+        if config.reference:  # distributed_shampoo: at the start, then at the multiples of the frequency
+            return step == start or step % every == 0
+        return (step - start) % every == 0
+
     def step(self, state: KroneckerState, grads: Tensor, ctx: StepContext) -> Direction | None:
-        self.statistics.update(state.factors, grads, ctx.config.factor_beta)
+        self.statistics.update(state.factors, grads, ctx.config.factor_beta_at(ctx.step), ctx.config)
         ctx.refresh_if_due()
         update, step_size = self.scaling.direction(state.factors, state.moments, grads, ctx.step, ctx.config)
         return Direction(update, step_size)

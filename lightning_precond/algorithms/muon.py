@@ -58,7 +58,8 @@ class MuonConfig(GroupConfig):
     # A dtype name (param groups hold plain values: torch.distributed.checkpoint refuses a
     # torch.dtype in them); a torch.dtype is accepted and stored by name.
     ns_dtype: str
-    update_scale: Literal["rms", "shape"]
+    # None: "rms", or "shape" (the original's) when reference=True.
+    update_scale: Literal["rms", "shape"] | None
     betas: tuple[float, float]  # the vectors' AdamW
     eps: float
 
@@ -72,8 +73,11 @@ class MuonConfig(GroupConfig):
             object.__setattr__(self, "ns_dtype", str(self.ns_dtype).removeprefix("torch."))
         if self.ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {NS_DTYPES} (or the torch dtype), got {self.ns_dtype!r}")
-        if self.update_scale not in UPDATE_SCALES:
-            raise ValueError(f"update_scale must be one of {UPDATE_SCALES}, got {self.update_scale!r}")
+        if self.update_scale is not None and self.update_scale not in UPDATE_SCALES:
+            raise ValueError(f"update_scale must be one of {UPDATE_SCALES} or None, got {self.update_scale!r}")
+        if self.reference and self.update_scale == "rms":
+            raise ValueError("update_scale='rms' is not the reference's scale: reference=True (KellerJordan's "
+                             "muon.py) scales by sqrt(max(1, m / n)); pass update_scale=None or 'shape'")
         check_betas(self.betas)
         check_nonnegative(self.eps, "eps")
 
@@ -84,8 +88,14 @@ class MuonConfig(GroupConfig):
     def compute_dtype(self) -> torch.dtype:
         return getattr(torch, self.ns_dtype)
 
+    @property
+    def resolved_update_scale(self) -> str:
+        if self.update_scale is not None:
+            return self.update_scale
+        return "shape" if self.reference else "rms"
+
     def scale(self, m: int, n: int) -> float:
-        if self.update_scale == "rms":
+        if self.resolved_update_scale == "rms":
             return 0.2 * math.sqrt(max(m, n))
         return math.sqrt(max(1.0, m / n))
 
@@ -125,7 +135,14 @@ class Orthogonalized:
     def refresh_start(self, config: Any) -> int:
         return 0
 
-    def refresh(self, state: Any, side: str, method: str, tolerance: float, max_iterations: int) -> list[bool]:
+    def decays_after_update(self, config: Any) -> bool:
+        return False
+
+    def refresh_due(self, step: int, config: Any) -> bool:
+        return False
+
+    def refresh(self, state: Any, side: str, method: str, tolerance: float, max_iterations: int,
+                config: Any = None) -> list[bool]:
         raise TypeError("Muon keeps no eigenbasis to refresh")
 
     def projected(self, state: Any, side: str) -> Tensor:

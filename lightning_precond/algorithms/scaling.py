@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .eigenbasis import BasisResult
 from .grafting import graft_direction, graft_norm
-from .statistics import KroneckerFactors, ema_, kl_inverse, permute_along
+from .statistics import KroneckerFactors, ema_, permute_along
 
 __all__ = [
     "Scaling",
@@ -136,6 +136,10 @@ class AdamInBasisScaling(_SecondMomentInBasis):
     the new basis (``M <- Q_new^T Q_old M`` on the left, likewise on the right).
     """
 
+    def __init__(self, *, reference_bias_correction: bool = True) -> None:
+        # Whether the reference (reference=True groups) corrects the bias (SOAP: yes; KL-SOAP: no).
+        self.reference_bias_correction = reference_bias_correction
+
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
                   config: Any) -> tuple[Tensor, float]:
         assert moments.exp_avg_sq is not None
@@ -144,6 +148,8 @@ class AdamInBasisScaling(_SecondMomentInBasis):
         exp_avg = ema_(moments.exp_avg, projected, beta1)
         exp_avg_sq = ema_(moments.exp_avg_sq, projected * projected, beta2)
         update = factors.from_basis(exp_avg / (exp_avg_sq.sqrt() + config.eps))
+        if config.reference and not self.reference_bias_correction:
+            return update, config.lr
         step_size = config.lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
         return update, step_size
 
@@ -172,7 +178,10 @@ class EigenvalueCorrectedScaling(_SecondMomentInBasis):
         projected = factors.to_basis(grad)
         correction = ema_(moments.exp_avg_sq, projected * projected, beta2)
         momentum = factors.to_basis(exp_avg) / (1.0 - beta1**step)
-        scaled = momentum / (correction / (1.0 - beta2**step) + config.eps).sqrt()
+        if config.reference:  # distributed_shampoo: epsilon added after the root
+            scaled = momentum / ((correction / (1.0 - beta2**step)).sqrt() + config.eps)
+        else:
+            scaled = momentum / (correction / (1.0 - beta2**step) + config.eps).sqrt()
         return factors.from_basis(scaled), config.lr
 
 
@@ -187,9 +196,9 @@ class KLEigenvalueScaling(Scaling):
         # An identity side has lambda = 1: its factor of the outer product is 1.
         inv: Tensor | float = 1.0
         if factors.eigenvalues_left is not None:
-            inv = kl_inverse(factors.eigenvalues_left).sqrt().unsqueeze(-1)
+            inv = config.inverse(factors.eigenvalues_left).sqrt().unsqueeze(-1)
         if factors.eigenvalues_right is not None:
-            inv_sqrt_b = kl_inverse(factors.eigenvalues_right).sqrt().unsqueeze(-2)
+            inv_sqrt_b = config.inverse(factors.eigenvalues_right).sqrt().unsqueeze(-2)
             inv = inv * inv_sqrt_b if isinstance(inv, Tensor) else inv_sqrt_b
         # 1 / (sqrt(la lb) + eps) written so that a zeroed inverse gives 0, not 1/eps.
         scale = inv / (1.0 + config.eps * inv)

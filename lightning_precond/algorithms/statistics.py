@@ -13,6 +13,7 @@ stacked gradient ``[k, m, n]``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,11 +120,11 @@ class KroneckerStatistics:
             assert basis is not None
             basis.copy_(torch.eye(basis.shape[-1], dtype=basis.dtype, device=basis.device))
 
-    def initialize_from(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
+    def initialize_from(self, factors: KroneckerFactors, grad: Tensor, beta: float, config: Any = None) -> None:
         """First gradient of a basis-first algorithm (SOAP): ``L = (1 - beta) G G^T``."""
-        self.update(factors, grad, beta)
+        self.update(factors, grad, beta, config)
 
-    def update(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
+    def update(self, factors: KroneckerFactors, grad: Tensor, beta: float, config: Any = None) -> None:
         if factors.factor_left is not None:
             ema_(factors.factor_left, grad @ grad.mT, beta)
         if factors.factor_right is not None:
@@ -137,13 +138,25 @@ class KroneckerStatistics:
 KL_INITIAL_EIGENVALUE = 0.1
 
 
-def kl_inverse(eigenvalues: Tensor) -> Tensor:
-    """``1 / lambda`` with KL-Shampoo's clamp ``lambda^{-1/2} <= max(10, min(d, 4000))``;
-    non-finite inverses become 0 (that direction is then left alone)."""
-    dim = eigenvalues.shape[-1]
-    cap = float(max(10, min(dim, 4000)))
-    inv_sqrt = eigenvalues.clamp_min(0.0).rsqrt().clamp(max=cap)
+def kl_inverse(eigenvalues: Tensor, max_clamp_value: float | None = 4000.0, *, reference: bool = False) -> Tensor:
+    """``1 / lambda`` with KL-Shampoo's clamp ``lambda^{-1/2} <= max(10, min(d, max_clamp_value))``
+    (None: no clamp); non-finite inverses become 0 (that direction is then left alone).
+
+    The clamp comes first, so ``lambda = 0`` gets the largest inverse; ``reference=True``
+    takes KL-Methods' order (non-finite to 0 first, then the clamp: ``lambda = 0`` gives 0).
+    """
+    inv_sqrt = eigenvalues.clamp_min(0.0).rsqrt()
+    cap = None if max_clamp_value is None else float(max(10, min(eigenvalues.shape[-1], max_clamp_value)))
+    if reference:
+        inv_sqrt = torch.nan_to_num(inv_sqrt, nan=0.0, posinf=0.0, neginf=0.0)
+        return (inv_sqrt if cap is None else inv_sqrt.clamp(max=cap)).square()
+    if cap is not None:
+        inv_sqrt = inv_sqrt.clamp(max=cap)
     return torch.nan_to_num(inv_sqrt, nan=0.0, posinf=0.0, neginf=0.0).square()
+
+
+def _inverse(config: Any, eigenvalues: Tensor) -> Tensor:
+    return config.inverse(eigenvalues) if config is not None else kl_inverse(eigenvalues)
 
 
 class TwoSidedStatistics(KroneckerStatistics):
@@ -168,22 +181,36 @@ class TwoSidedStatistics(KroneckerStatistics):
             assert values is not None
             values.fill_(KL_INITIAL_EIGENVALUE)
 
-    def initialize_from(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
-        """First gradient: the one-sided factors scaled by 1/n and 1/m."""
+    def initialize_from(self, factors: KroneckerFactors, grad: Tensor, beta: float, config: Any = None) -> None:
+        """First gradient: the one-sided factors scaled by 1/n and 1/m; the eigenvalue estimates
+        start at ``config.initial_eigenvalue``: a constant, or ``"gradient"``: the RMS of the
+        block's gradient on both sides, where ``sqrt(lambda_a lambda_b) = rms(G)`` makes the
+        first direction ``G / rms(G)`` and ``S_a = G S_b^{-1} G^T / n`` holds on average."""
         m, n = grad.shape[-2], grad.shape[-1]
         if factors.factor_left is not None:
             ema_(factors.factor_left, grad @ grad.mT / n, beta)
         if factors.factor_right is not None:
             ema_(factors.factor_right, grad.mT @ grad / m, beta)
+        initial = getattr(config, "initial_eigenvalue", KL_INITIAL_EIGENVALUE)
+        for side in factors.sides:
+            values = factors.eigenvalues(side)
+            assert values is not None
+            if initial == "gradient":
+                rms = grad.square().mean(dim=(-2, -1)).sqrt()  # [k]
+                # A zero gradient keeps the constant: its inverse would be clamped to the cap.
+                rms = torch.where(rms > 0, rms, torch.full_like(rms, KL_INITIAL_EIGENVALUE))
+                values.copy_(rms.unsqueeze(-1).expand_as(values))
+            else:
+                values.fill_(float(initial))
 
-    def update(self, factors: KroneckerFactors, grad: Tensor, beta: float) -> None:
+    def update(self, factors: KroneckerFactors, grad: Tensor, beta: float, config: Any = None) -> None:
         """The update of the class docstring; an identity side is ``S = I`` (``Q = I``,
         ``lambda = 1``): the other factor is then ``EMA(G G^T / n)`` (or ``G^T G / m``), the
         KL fixed point with that side held at the identity."""
         m, n = grad.shape[-2], grad.shape[-1]
         left, right = factors.factor_left, factors.factor_right
-        inv_a = kl_inverse(factors.eigenvalues_left) if left is not None else None
-        inv_b = kl_inverse(factors.eigenvalues_right) if right is not None else None
+        inv_a = _inverse(config, factors.eigenvalues_left) if left is not None else None
+        inv_b = _inverse(config, factors.eigenvalues_right) if right is not None else None
         grad_qb = grad @ factors.basis_right if right is not None else grad  # [k, m, n]
         qa_grad = factors.basis_left.mT @ grad if left is not None else grad  # [k, m, n]
         if left is not None:
@@ -199,6 +226,12 @@ class TwoSidedStatistics(KroneckerStatistics):
         if right is not None:
             new_b = (inv_a.unsqueeze(-2) @ projected_sq).squeeze(-2) if inv_a is not None else projected_sq.sum(-2)
             ema_(factors.eigenvalues_right, new_b / m, beta)
+        if config is not None and config.reference:
+            # KL-Methods stores the clamped values: the floor feeds the next EMA step.
+            for side in factors.sides:
+                values = factors.eigenvalues(side)
+                inv = config.inverse(values)
+                factors.set_eigenvalues(side, torch.where(inv > 0, 1.0 / inv, torch.zeros_like(inv)))
 
     def on_refresh(self, factors: KroneckerFactors, side: str, result: BasisResult) -> None:
         # The EMA eigenvalues stay; only their order follows the basis columns.

@@ -358,7 +358,7 @@ def check_tags(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
                 f"checkpoint blocks of param group {index} were planned with {plan}; this optimizer plans "
                 f"them with {ours[TAG_BLOCK_PLAN]}"
             )
-        missing = [name for name in fields if name not in group]
+        missing = [name for name in fields if name not in group and name not in LATER_FIELDS]
         if missing:
             raise ValueError(
                 f"checkpoint param group {index} lacks {missing}, which {ours[TAG_ALGORITHM]} needs: it was not "
@@ -366,8 +366,22 @@ def check_tags(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
             )
 
 
-def _untagged(saved: Mapping[str, Any]) -> dict[str, Any]:
-    return {**saved, "param_groups": [{k: v for k, v in g.items() if k not in TAGS} for g in saved["param_groups"]]}
+# Hyperparameters added after checkpoints were first written (issue 16). A checkpoint that
+# predates one takes the value this optimizer's group was built with (pass the old behaviour's
+# value, e.g. SOAP(..., shifted_refresh=False), to continue such a run exactly as before).
+LATER_FIELDS = ("reference", "shifted_refresh", "debias", "init_factor", "max_clamp_value")
+
+
+def _untagged(saved: Mapping[str, Any], current: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    groups = []
+    for index, g in enumerate(saved["param_groups"]):
+        group = {k: v for k, v in g.items() if k not in TAGS}
+        if current is not None and index < len(current):
+            for name in LATER_FIELDS:
+                if name not in group and name in current[index]:
+                    group[name] = current[index][name]
+        groups.append(group)
+    return {**saved, "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------- load
@@ -379,7 +393,7 @@ def load_state_dict(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> N
         raise ValueError(shards.refusal(shard))
     check_tags(opt, saved)
     sharded = shard is not None
-    saved = _untagged(saved)
+    saved = _untagged(saved, opt._group_dicts)
     entries = {key: split_entry(entry) for key, entry in saved["state"].items()}
     before = opt._router.checkpoint_layout() if opt._router is not None else CheckpointLayout(
         per_rank_files=opt._deepspeed_took_over())

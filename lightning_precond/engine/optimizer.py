@@ -82,7 +82,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._buckets: list[Bucket] = []
         self._owners: list[int] = []  # owner of each planned block
         self._planned_blocks: tuple[Block, ...] = ()
-        self._refresh = RefreshPolicy(algorithm, self.options, self._name_of_index)
+        self._refresh = RefreshPolicy(algorithm, self.options, self._name_of_index, self._config)
         self._steps_taken = 0
         self._consolidated: checkpoint.Consolidated | None = None
         self._sharded_depth = 0  # > 0 inside lightning_precond.sharded_state_dict(self)
@@ -437,7 +437,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 phases.setdefault((records[i].initialized, records[i].step), []).append(row)
         updates: list[BlockUpdate] = []
         # W <- decay W - a U (AdamW order), or (W - a U) decay when the algorithm decays after.
-        after = self._decay(config) if self.algorithm.decay_after_update else 1.0
+        after = self._decay(config) if self.algorithm.decays_after_update(config) else 1.0
         for (initialized, step), rows in phases.items():
             positions = [present[r] for r in rows]
             g = grads if len(rows) == grads.shape[0] else grads[rows]

@@ -25,10 +25,12 @@ class RefreshedFactor:
 class RefreshPolicy:
     """Decides and performs refreshes for one optimizer's buckets."""
 
-    def __init__(self, algorithm: Any, options: EngineOptions, name_of: Callable[[int], str]) -> None:
+    def __init__(self, algorithm: Any, options: EngineOptions, name_of: Callable[[int], str],
+                 config_of: Callable[[int], Any] = lambda group_index: None) -> None:
         self.algorithm = algorithm
         self.options = options
         self.name_of = name_of
+        self.config_of = config_of  # a param group's config (its refresh options: shift, sort)
         self.owner: object | None = None
         self._warned_failure = False
         self.fatal: str | None = None  # a failure that must stop the run, raised after the step
@@ -58,7 +60,7 @@ class RefreshPolicy:
                         self.refresh_sides(bucket, chosen, sub, self.method(), (side,), step)
             return
         if self.options.refresh == "periodic":
-            if (step - start) % config.precondition_frequency == 0:
+            if self.algorithm.refresh_due(step, config):
                 self.refresh_sides(bucket, positions, state, self.method(), sides, step)
             return
         never = any(bucket.records[i].sides[side].refreshes == 0 for i in positions for side in sides[:1])
@@ -98,7 +100,8 @@ class RefreshPolicy:
         tol = self.options.refresh_tolerance if tolerance is None else tolerance
         for side in sides:
             started = time.perf_counter()
-            ok = self.algorithm.refresh(state, side, method, tol, self.options.max_qr_iterations)
+            ok = self.algorithm.refresh(state, side, method, tol, self.options.max_qr_iterations,
+                                        self.config_of(bucket.group_index))
             seconds = (time.perf_counter() - started) / max(1, len(positions))
             self._record(bucket, positions, side, ok, step, seconds)
 
