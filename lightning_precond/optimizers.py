@@ -305,6 +305,10 @@ class ASGO(PreconditionedOptimizer):
     ``lr=3e-3`` was the best of 3e-4 .. 1e-2 on the benchmarks' char-GPT
     (``benchmarks/asgo_vs_shampoo.py``).
 
+    There is no ``reference`` mode (no public implementation to reproduce; ``reference=True``
+    is refused): the default is the paper's update, with one guard, eigenvalues floored at
+    ``d eps lambda_max`` so that float32 roots of an ill-conditioned ``V`` cannot blow a step up.
+
     Example: ``ASGO(model.parameters(), lr=3e-3)``
     """
 

@@ -114,3 +114,9 @@ def test_float32_roots_of_an_ill_conditioned_factor_do_not_blow_up_the_step():
 def test_bad_hyperparameters_raise_value_errors_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         lp.ASGO([torch.nn.Parameter(torch.randn(3, 4))], **kwargs)
+
+
+def test_reference_mode_is_refused_for_asgo():
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="reference=True is not available for ASGO"):
+        lp.ASGO([{"params": [w], "reference": True}])

@@ -50,6 +50,10 @@ class ASGOConfig(GroupConfig):
         check_nonnegative(self.eps, "eps")
         check_positive_int(self.precondition_frequency, "precondition_frequency")
         check_positive_int(self.start_preconditioning_step, "start_preconditioning_step")
+        if self.reference:
+            # No public implementation to reproduce; the paper's equations are the default mode.
+            raise ValueError("reference=True is not available for ASGO (it has no reference implementation; "
+                             "its default mode is the paper's equations); leave reference=False")
 
     @property
     def factor_beta(self) -> float:
