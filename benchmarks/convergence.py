@@ -118,7 +118,9 @@ from lightning_precond.registry import ALGORITHMS, AlgorithmEntry, names  # noqa
 
 DEFAULT_OUT = _HERE / "results"
 DEFAULT_SWEEP = (3e-4, 1e-3, 3e-3)
-DEFAULT_EVAL_EVERY = {"chargpt": 20, "mlp": 10, "autoencoder": 10}
+# The tasks of the recorded results (benchmarks/quality.py also runs the conv net and the GPT-2-shaped model).
+DEFAULT_TASKS = ("chargpt", "mlp", "autoencoder")
+DEFAULT_EVAL_EVERY = {"chargpt": 20, "mlp": 10, "autoencoder": 10, "convnet": 10, "gpt2": 10}
 REFRESH_EVERY = 10
 BASELINE = "AdamW"
 OURS = tuple(names())  # every registered algorithm
@@ -729,7 +731,7 @@ def probe_threads(steps: int = 12) -> tuple[int, dict[str, float]]:
 # --------------------------------------------------------------------------- #
 
 def _parse_steps(spec: str | None, tasks: Sequence[str], quick: bool) -> dict[str, int]:
-    defaults = {"chargpt": 200, "mlp": 120, "autoencoder": 80}
+    defaults = {"chargpt": 200, "mlp": 120, "autoencoder": 80, "convnet": 120, "gpt2": 60}
     if quick:
         defaults = {t: 3 for t in defaults}
     if not spec:
@@ -769,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    ap.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma list of {TASK_NAMES}")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of {TASK_NAMES}")
     ap.add_argument("--steps", default=None,
                     help="steps per run: N for all tasks or task=N,... (default chargpt=200,mlp=120,autoencoder=80)")
     ap.add_argument("--sweep", default=None,
