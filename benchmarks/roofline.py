@@ -41,6 +41,7 @@ Writes ``<out>/roofline.md`` and ``<out>/roofline.json`` (``<out>`` defaults to
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -158,13 +159,21 @@ def _stepper(opt: torch.optim.Optimizer) -> Matmuls:
     return step
 
 
-def ours(name: str, shapes: Sequence[Shape], device: torch.device, refresh_every: int) -> Timed:
+def ours(name: str, shapes: Sequence[Shape], device: torch.device, refresh_every: int,
+         matmul_dtype: str | None = None) -> Timed:
+    """Our optimizer on the blocks; ``matmul_dtype``: its low-precision mode."""
     entry = ALGORITHMS[name]
     kwargs: dict[str, Any] = {"lr": 1e-4, "max_preconditioner_dim": 1024, "weight_decay": 0.0}
     if entry.has_basis:
         kwargs["precondition_frequency"] = refresh_every
+    if matmul_dtype is not None:
+        kwargs["matmul_dtype"] = matmul_dtype
     opt = entry.optimizer(_params(shapes, device), **kwargs)
-    return Timed(name, name, _stepper(opt))
+    return Timed(name if matmul_dtype is None else f"{name} matmul_dtype={matmul_dtype}", name, _stepper(opt))
+
+
+def has_matmul_dtype(name: str) -> bool:
+    return "matmul_dtype" in inspect.signature(ALGORITHMS[name].optimizer).parameters
 
 
 def peers(shapes: Sequence[Shape], device: torch.device, refresh_every: int) -> tuple[list[Timed], dict[str, str]]:
@@ -233,14 +242,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         items = [ours(name, shapes, device, args.refresh_every),
                  Timed(f"{name} essentials float32", name, _essentials(name, shapes, torch.float32, device)),
                  Timed(f"{name} essentials {args.low_precision}", name, _essentials(name, shapes, low, device))]
+        low_step = has_matmul_dtype(name) and args.low_precision == "bfloat16"
+        if low_step:  # the optimizer's own low-precision mode (matmul_dtype)
+            items.append(ours(name, shapes, device, args.refresh_every, matmul_dtype=args.low_precision))
         times = interleave(items, args.rounds, args.steps, args.warmup, device)
-        step, f32, lp = (times[i.label] for i in items)
+        step, f32, lp = (times[i.label] for i in items[:3])
+        step_low = times[items[3].label] if low_step else None
         flops = essential_flops(name, shapes)
         rows.append({"algorithm": name, "step_ms": step * 1e3, "essentials_f32_ms": f32 * 1e3,
                      "essentials_low_ms": lp * 1e3, "ratio_f32": step / f32, "ratio_low": step / lp,
+                     "step_low_ms": None if step_low is None else step_low * 1e3,
+                     "low_over_f32_step": None if step_low is None else step_low / step,
+                     "low_step_over_low_essentials": None if step_low is None else step_low / lp,
                      "gflops_f32": flops / f32 / 1e9, "gflops_low": flops / lp / 1e9})
         print(f"[roofline] {name}: step {step * 1e3:.1f} ms = {step / f32:.2f}x its float32 matmuls "
-              f"({f32 * 1e3:.1f} ms), {step / lp:.2f}x its {args.low_precision} matmuls", flush=True)
+              f"({f32 * 1e3:.1f} ms), {step / lp:.2f}x its {args.low_precision} matmuls"
+              + (f"; matmul_dtype={args.low_precision}: {step_low * 1e3:.1f} ms ({step_low / step:.2f}x)"
+                 if step_low is not None else ""), flush=True)
     peer_rows, missing = [], {}
     if args.peers:
         their, missing = peers(shapes, device, args.refresh_every)
@@ -271,11 +289,17 @@ def render(result: dict[str, Any]) -> str:
              f"refresh every {result['refresh_every']} steps (amortized in the step), medians of "
              f"{result['rounds']} interleaved rounds of {result['steps']} calls; torch {result['torch']}.", "",
              f"| algorithm | step ms | essentials float32 ms | step / float32 essentials | essentials {low} ms | "
-             f"step / {low} essentials | float32 GFLOP/s | {low} GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"step, matmul_dtype={low}, ms | its ratio to the float32 step | its ratio to the {low} essentials | "
+             f"float32 GFLOP/s | {low} GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def opt(x: Any, spec: str) -> str:
+        return "—" if x is None else format(x, spec)
+
     for r in result["rows"]:
         lines.append(f"| {r['algorithm']} | {r['step_ms']:.1f} | {r['essentials_f32_ms']:.1f} | {r['ratio_f32']:.2f} | "
-                     f"{r['essentials_low_ms']:.1f} | {r['ratio_low']:.2f} | {r['gflops_f32']:.0f} | {r['gflops_low']:.0f} |")
+                     f"{r['essentials_low_ms']:.1f} | {opt(r['step_low_ms'], '.1f')} | {opt(r['low_over_f32_step'], '.2f')} | "
+                     f"{opt(r['low_step_over_low_essentials'], '.2f')} | {r['gflops_f32']:.0f} | {r['gflops_low']:.0f} |")
     if result["peers"]:
         lines += ["", "## Ours vs peers, same blocks, interleaved", "",
                   "| algorithm | peer | ours ms | peer ms | ours / peer |", "|---|---|---|---|---|"]

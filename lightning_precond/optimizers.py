@@ -76,10 +76,12 @@ class SOAP(PreconditionedOptimizer):
     def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.9, 0.95),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
+                 matmul_dtype: Literal["bfloat16", "float32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                   weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                  reference=reference, shifted_refresh=shifted_refresh)
+                                  reference=reference, shifted_refresh=shifted_refresh,
+                            matmul_dtype=matmul_dtype)
         algorithm = BasisFirst(KroneckerStatistics(), AdamInBasisScaling(), refresh_method="power",
                                sort_on_refresh=True, decay_after_update=True)
         super().__init__(params, config, algorithm, **options)
@@ -111,11 +113,14 @@ class KLSOAP(PreconditionedOptimizer):
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
                  debias: bool | None = None, init_factor: float | Literal["gradient"] | None = None,
-                 max_clamp_value: float | None = 4000.0, **options: Unpack[EngineOptionsDict]) -> None:
+                 max_clamp_value: float | None = 4000.0,
+                 matmul_dtype: Literal["bfloat16", "float32"] | torch.dtype | None = None,
+                 **options: Unpack[EngineOptionsDict]) -> None:
         config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                           precondition_frequency=precondition_frequency, reference=reference,
                           shifted_refresh=shifted_refresh, debias=debias, init_factor=init_factor,
-                          max_clamp_value=max_clamp_value)
+                          max_clamp_value=max_clamp_value,
+                            matmul_dtype=matmul_dtype)
         algorithm = BasisFirst(TwoSidedStatistics(), AdamInBasisScaling(reference_bias_correction=False),
                                refresh_method="power", sort_on_refresh=True, decay_after_update=True,
                                reference_sort=False, config_type=KLConfig)
@@ -161,11 +166,14 @@ class KLShampoo(PreconditionedOptimizer):
                  shampoo_beta: float | None = 0.9, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
                  debias: bool | None = None, init_factor: float | Literal["gradient"] | None = None,
-                 max_clamp_value: float | None = 4000.0, **options: Unpack[EngineOptionsDict]) -> None:
+                 max_clamp_value: float | None = 4000.0,
+                 matmul_dtype: Literal["bfloat16", "float32"] | torch.dtype | None = None,
+                 **options: Unpack[EngineOptionsDict]) -> None:
         config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                           precondition_frequency=precondition_frequency, reference=reference,
                           shifted_refresh=shifted_refresh, debias=debias, init_factor=init_factor,
-                          max_clamp_value=max_clamp_value)
+                          max_clamp_value=max_clamp_value,
+                            matmul_dtype=matmul_dtype)
         algorithm = BasisFirst(TwoSidedStatistics(), KLEigenvalueScaling(), refresh_method="power",
                                sort_on_refresh=False, reference_decay_after=True, config_type=KLConfig)
         super().__init__(params, config, algorithm, **options)
@@ -196,10 +204,12 @@ class EigenvalueCorrectedShampoo(PreconditionedOptimizer):
     def __init__(self, params: Params, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  shampoo_beta: float | None = None, eps: float = 1e-12, weight_decay: float = 0.0,
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
+                 matmul_dtype: Literal["bfloat16", "float32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                   weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                  reference=reference, shifted_refresh=shifted_refresh)
+                                  reference=reference, shifted_refresh=shifted_refresh,
+                            matmul_dtype=matmul_dtype)
         algorithm = EigenvalueCorrected(KroneckerStatistics(), EigenvalueCorrectedScaling(), refresh_method="eigh",
                                         sort_on_refresh=True)
         super().__init__(params, config, algorithm, **options)
@@ -236,8 +246,10 @@ class Shampoo(PreconditionedOptimizer):
                  start_preconditioning_step: int | None = None,
                  grafting: Literal["adam", "adagrad", "rmsprop", "sgd"] | None = "adam",
                  grafting_beta2: float | None = None, grafting_eps: float = 1e-8, reference: bool = False,
+                 matmul_dtype: Literal["bfloat16", "float32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = ShampooConfig(
+            matmul_dtype=matmul_dtype,
             lr=lr, betas=betas, eps=epsilon, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             exponent=exponent, precondition_frequency=precondition_frequency,
             start_preconditioning_step=precondition_frequency if start_preconditioning_step is None
@@ -284,8 +296,16 @@ class Muon(PreconditionedOptimizer):
         super().__init__(params, config, Orthogonalized(), **options)
 
 
+# Every factored preset (not Muon, whose products are its Newton-Schulz iterations: ns_dtype).
+MATMUL_DTYPE_HELP = """
+
+    ``matmul_dtype`` (per group; None: the state dtype): the per-step statistics products and
+    the projections into and out of the eigenbasis run in ``"bfloat16"`` (results cast back to
+    the state dtype before any EMA; eigendecompositions, QR and staleness stay in the state
+    dtype), see :mod:`lightning_precond.algorithms.precision`."""
+
 for _preset in (SOAP, KLSOAP, KLShampoo, EigenvalueCorrectedShampoo, Shampoo):
-    _preset.__doc__ = (_preset.__doc__ or "") + options_help()
+    _preset.__doc__ = (_preset.__doc__ or "") + MATMUL_DTYPE_HELP + options_help()
 Muon.__doc__ = (Muon.__doc__ or "") + options_help(max_preconditioner_dim=None, max_factor_dim=None)
 
 
@@ -316,14 +336,16 @@ class ASGO(PreconditionedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, precondition_frequency: int = 10,
                  start_preconditioning_step: int = 1,
                  side: Literal["smaller", "left", "right"] = "smaller",
+                 matmul_dtype: Literal["bfloat16", "float32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         if side not in ONE_SIDE_CHOICES:
             raise ValueError(f"side must be one of {ONE_SIDE_CHOICES}, got {side!r}")
         config = ASGOConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             precondition_frequency=precondition_frequency,
-                            start_preconditioning_step=start_preconditioning_step)
+                            start_preconditioning_step=start_preconditioning_step,
+                            matmul_dtype=matmul_dtype)
         super().__init__(params, config, OneSided(side), **options)
 
 
-ASGO.__doc__ = (ASGO.__doc__ or "") + options_help()
+ASGO.__doc__ = (ASGO.__doc__ or "") + MATMUL_DTYPE_HELP + options_help()
 __all__.append("ASGO")

@@ -23,6 +23,8 @@ def test_quick_reports_every_algorithm_and_peer(tmp_path):
     assert [r["algorithm"] for r in result["rows"]] == ["SOAP", "KLShampoo", "Muon"]
     for r in result["rows"]:
         assert r["step_ms"] > 0 and r["essentials_f32_ms"] > 0 and r["essentials_low_ms"] > 0
+        # the optimizer's own bfloat16 mode is timed wherever it has one (not Muon: ns_dtype)
+        assert (r["step_low_ms"] is None) == (r["algorithm"] == "Muon")
     peers = {p["peer"] for p in result["peers"]}
     assert {"SOAP (pytorch-optimizer)", "SOAP (heavyball)", "KLShampoo (heavyball)", "Muon (pytorch-optimizer)"} <= peers
     assert all("error" not in p for p in result["peers"]), result["peers"]

@@ -26,17 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import GroupConfig, StepContext, Direction, check_betas, check_nonnegative, check_positive_int
+from .base import Direction, FactoredConfig, GroupConfig, StepContext, check_betas, check_nonnegative, check_positive_int
 from .eigenbasis import BasisResult
 from .kronecker import KroneckerState, StatisticsFirst
 from .scaling import Scaling
 from .statistics import KroneckerFactors, KroneckerStatistics, ema_
+from .precision import matmul_dtype_of
 
 __all__ = ["ASGOConfig", "OneSidedMoments", "OneSidedRootScaling", "OneSided"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ASGOConfig(GroupConfig):
+class ASGOConfig(FactoredConfig):
     """Per-group hyperparameters of ASGO."""
 
     betas: tuple[float, float]
@@ -98,14 +99,14 @@ class OneSidedRootScaling(Scaling):
         momentum = exp_avg / (1.0 - beta1**step) if beta1 > 0 else exp_avg
         if step < config.start_preconditioning_step:
             return momentum.clone(), config.lr
-        scaled = factors.to_basis(momentum)
+        scaled = factors.to_basis(momentum, matmul_dtype_of(config))
         weight = moments.root_weight.clamp_min(torch.finfo(moments.root_weight.dtype).tiny)
         for side, dim in (("left", -1), ("right", -2)):
             values = factors.eigenvalues(side)
             if values is not None:
                 root = (_accuracy_floor(values) / weight).sqrt()
                 scaled = scaled * (1.0 / (root + config.eps)).unsqueeze(dim)
-        return factors.from_basis(scaled), config.lr
+        return factors.from_basis(scaled, matmul_dtype_of(config)), config.lr
 
     def on_refresh(self, moments: OneSidedMoments, side: str, old_basis: Tensor, result: BasisResult) -> None:
         # The new eigenvalues are those of V now: their bias correction is today's weight

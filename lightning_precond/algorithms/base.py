@@ -29,9 +29,12 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from .precision import check_matmul_dtype
+
 __all__ = [
     "Algorithm",
     "Direction",
+    "FactoredConfig",
     "GroupConfig",
     "StepContext",
     "check_beta",
@@ -124,6 +127,19 @@ class GroupConfig:
     def vector_adamw(self) -> tuple[float, float, float]:
         """``(beta1, beta2, eps)`` of the AdamW that the group's vectors take."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class FactoredConfig(GroupConfig):
+    """Base of the factored algorithms' hyperparameters: adds ``matmul_dtype``, the dtype of
+    the per-step statistics products and basis projections (None: the state dtype; see
+    :mod:`lightning_precond.algorithms.precision`)."""
+
+    matmul_dtype: str | torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_matmul_dtype(self.matmul_dtype)
 
 
 # ---------------------------------------------------------------------------- state

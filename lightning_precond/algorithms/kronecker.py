@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .base import (
     Direction,
+    FactoredConfig,
     GroupConfig,
     StepContext,
     check_beta,
@@ -39,7 +40,7 @@ __all__ = ["EigenbasisConfig", "KLConfig", "ShampooConfig", "KroneckerState", "B
 
 
 @dataclass(frozen=True, kw_only=True)
-class EigenbasisConfig(GroupConfig):
+class EigenbasisConfig(FactoredConfig):
     """Per-group hyperparameters of SOAP, KL-SOAP, KL-Shampoo and eigenvalue-corrected Shampoo."""
 
     betas: tuple[float, float]
@@ -138,7 +139,7 @@ class KLConfig(EigenbasisConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ShampooConfig(GroupConfig):
+class ShampooConfig(FactoredConfig):
     """Per-group hyperparameters of Shampoo (``eps`` is the ``epsilon`` argument)."""
 
     betas: tuple[float, float]

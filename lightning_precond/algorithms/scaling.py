@@ -25,6 +25,7 @@ from torch import Tensor
 from .eigenbasis import BasisResult
 from .grafting import graft_direction, graft_norm
 from .statistics import KroneckerFactors, ema_, permute_along
+from .precision import matmul_dtype_of
 
 __all__ = [
     "Scaling",
@@ -95,12 +96,12 @@ class InverseRootScaling(Scaling):
             eps = config.eps
             # An identity side contributes no factor (1, not (1 + eps)^-p): the block is
             # L^-p M or M R^-p with the same exponent p.
-            scaled = factors.to_basis(momentum)
+            scaled = factors.to_basis(momentum, matmul_dtype_of(config))
             if factors.eigenvalues_left is not None:
                 scaled = scaled * (factors.eigenvalues_left.clamp_min(0.0) + eps).pow(-p).unsqueeze(-1)
             if factors.eigenvalues_right is not None:
                 scaled = scaled * (factors.eigenvalues_right.clamp_min(0.0) + eps).pow(-p).unsqueeze(-2)
-            update = factors.from_basis(scaled)
+            update = factors.from_basis(scaled, matmul_dtype_of(config))
             if graft is not None:
                 update = graft_norm(update, graft)
         else:
@@ -144,10 +145,10 @@ class AdamInBasisScaling(_SecondMomentInBasis):
                   config: Any) -> tuple[Tensor, float]:
         assert moments.exp_avg_sq is not None
         beta1, beta2 = config.betas
-        projected = factors.to_basis(grad)
+        projected = factors.to_basis(grad, matmul_dtype_of(config))
         exp_avg = ema_(moments.exp_avg, projected, beta1)
         exp_avg_sq = ema_(moments.exp_avg_sq, projected * projected, beta2)
-        update = factors.from_basis(exp_avg / (exp_avg_sq.sqrt() + config.eps))
+        update = factors.from_basis(exp_avg / (exp_avg_sq.sqrt() + config.eps), matmul_dtype_of(config))
         if config.reference and not self.reference_bias_correction:
             return update, config.lr
         step_size = config.lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
@@ -175,14 +176,14 @@ class EigenvalueCorrectedScaling(_SecondMomentInBasis):
         assert moments.exp_avg_sq is not None
         beta1, beta2 = config.betas
         exp_avg = ema_(moments.exp_avg, grad, beta1)
-        projected = factors.to_basis(grad)
+        projected = factors.to_basis(grad, matmul_dtype_of(config))
         correction = ema_(moments.exp_avg_sq, projected * projected, beta2)
-        momentum = factors.to_basis(exp_avg) / (1.0 - beta1**step)
+        momentum = factors.to_basis(exp_avg, matmul_dtype_of(config)) / (1.0 - beta1**step)
         if config.reference:  # distributed_shampoo: epsilon added after the root
             scaled = momentum / ((correction / (1.0 - beta2**step)).sqrt() + config.eps)
         else:
             scaled = momentum / (correction / (1.0 - beta2**step) + config.eps).sqrt()
-        return factors.from_basis(scaled), config.lr
+        return factors.from_basis(scaled, matmul_dtype_of(config)), config.lr
 
 
 class KLEigenvalueScaling(Scaling):
@@ -202,4 +203,5 @@ class KLEigenvalueScaling(Scaling):
             inv = inv * inv_sqrt_b if isinstance(inv, Tensor) else inv_sqrt_b
         # 1 / (sqrt(la lb) + eps) written so that a zeroed inverse gives 0, not 1/eps.
         scale = inv / (1.0 + config.eps * inv)
-        return factors.from_basis(factors.to_basis(exp_avg) * scale), config.lr
+        dtype = matmul_dtype_of(config)
+        return factors.from_basis(factors.to_basis(exp_avg, dtype) * scale, dtype), config.lr

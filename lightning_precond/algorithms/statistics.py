@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .eigenbasis import BasisResult
+from .precision import matmul_dtype_of, product
 
 __all__ = ["KroneckerFactors", "KroneckerStatistics", "TwoSidedStatistics", "ema_", "SIDES"]
 
@@ -88,23 +89,24 @@ class KroneckerFactors:
     def set_eigenvalues(self, side: str, values: Tensor) -> None:
         setattr(self, f"eigenvalues_{side}", values.contiguous())
 
-    def to_basis(self, x: Tensor) -> Tensor:
-        """``Q_L^T X Q_R`` (an identity side leaves that product out)."""
+    def to_basis(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``Q_L^T X Q_R`` (an identity side leaves that product out), computed in ``dtype``
+        (None: the state dtype; see :mod:`.precision`)."""
         left, right = self.basis_left, self.basis_right
         if left is not None and right is not None:
-            return left.mT @ x @ right
+            return product(left.mT, x, right, dtype=dtype)
         if left is not None:
-            return left.mT @ x
-        return x @ right if right is not None else x
+            return product(left.mT, x, dtype=dtype)
+        return product(x, right, dtype=dtype) if right is not None else x
 
-    def from_basis(self, x: Tensor) -> Tensor:
-        """``Q_L X Q_R^T`` (an identity side leaves that product out)."""
+    def from_basis(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``Q_L X Q_R^T`` (an identity side leaves that product out), computed in ``dtype``."""
         left, right = self.basis_left, self.basis_right
         if left is not None and right is not None:
-            return left @ x @ right.mT
+            return product(left, x, right.mT, dtype=dtype)
         if left is not None:
-            return left @ x
-        return x @ right.mT if right is not None else x
+            return product(left, x, dtype=dtype)
+        return product(x, right.mT, dtype=dtype) if right is not None else x
 
 
 class KroneckerStatistics:
@@ -125,10 +127,11 @@ class KroneckerStatistics:
         self.update(factors, grad, beta, config)
 
     def update(self, factors: KroneckerFactors, grad: Tensor, beta: float, config: Any = None) -> None:
+        dtype = matmul_dtype_of(config)
         if factors.factor_left is not None:
-            ema_(factors.factor_left, grad @ grad.mT, beta)
+            ema_(factors.factor_left, product(grad, grad.mT, dtype=dtype), beta)
         if factors.factor_right is not None:
-            ema_(factors.factor_right, grad.mT @ grad, beta)
+            ema_(factors.factor_right, product(grad.mT, grad, dtype=dtype), beta)
 
     def on_refresh(self, factors: KroneckerFactors, side: str, result: BasisResult) -> None:
         factors.set_eigenvalues(side, result.eigenvalues)
@@ -187,10 +190,11 @@ class TwoSidedStatistics(KroneckerStatistics):
         block's gradient on both sides, where ``sqrt(lambda_a lambda_b) = rms(G)`` makes the
         first direction ``G / rms(G)`` and ``S_a = G S_b^{-1} G^T / n`` holds on average."""
         m, n = grad.shape[-2], grad.shape[-1]
+        dtype = matmul_dtype_of(config)
         if factors.factor_left is not None:
-            ema_(factors.factor_left, grad @ grad.mT / n, beta)
+            ema_(factors.factor_left, product(grad, grad.mT, dtype=dtype) / n, beta)
         if factors.factor_right is not None:
-            ema_(factors.factor_right, grad.mT @ grad / m, beta)
+            ema_(factors.factor_right, product(grad.mT, grad, dtype=dtype) / m, beta)
         initial = getattr(config, "initial_eigenvalue", KL_INITIAL_EIGENVALUE)
         for side in factors.sides:
             values = factors.eigenvalues(side)
@@ -211,15 +215,16 @@ class TwoSidedStatistics(KroneckerStatistics):
         left, right = factors.factor_left, factors.factor_right
         inv_a = _inverse(config, factors.eigenvalues_left) if left is not None else None
         inv_b = _inverse(config, factors.eigenvalues_right) if right is not None else None
-        grad_qb = grad @ factors.basis_right if right is not None else grad  # [k, m, n]
-        qa_grad = factors.basis_left.mT @ grad if left is not None else grad  # [k, m, n]
+        dtype = matmul_dtype_of(config)
+        grad_qb = product(grad, factors.basis_right, dtype=dtype) if right is not None else grad  # [k, m, n]
+        qa_grad = product(factors.basis_left.mT, grad, dtype=dtype) if left is not None else grad  # [k, m, n]
         if left is not None:
             weighted = grad_qb * inv_b.unsqueeze(-2) if inv_b is not None else grad_qb
-            ema_(left, weighted @ grad_qb.mT / n, beta)
+            ema_(left, product(weighted, grad_qb.mT, dtype=dtype) / n, beta)
         if right is not None:
             weighted = qa_grad * inv_a.unsqueeze(-1) if inv_a is not None else qa_grad
-            ema_(right, qa_grad.mT @ weighted / m, beta)
-        projected_sq = (qa_grad @ factors.basis_right if right is not None else qa_grad).square()
+            ema_(right, product(qa_grad.mT, weighted, dtype=dtype) / m, beta)
+        projected_sq = (product(qa_grad, factors.basis_right, dtype=dtype) if right is not None else qa_grad).square()
         if left is not None:
             new_a = (projected_sq @ inv_b.unsqueeze(-1)).squeeze(-1) if inv_b is not None else projected_sq.sum(-1)
             ema_(factors.eigenvalues_left, new_a / n, beta)

@@ -366,10 +366,10 @@ def check_tags(opt: PreconditionedOptimizer, saved: Mapping[str, Any]) -> None:
             )
 
 
-# Hyperparameters added after checkpoints were first written (issue 16). A checkpoint that
+# Hyperparameters added after checkpoints were first written (issues 16, 17). A checkpoint that
 # predates one takes the value this optimizer's group was built with (pass the old behaviour's
 # value, e.g. SOAP(..., shifted_refresh=False), to continue such a run exactly as before).
-LATER_FIELDS = ("reference", "shifted_refresh", "debias", "init_factor", "max_clamp_value")
+LATER_FIELDS = ("reference", "shifted_refresh", "debias", "init_factor", "max_clamp_value", "matmul_dtype")
 
 
 def _untagged(saved: Mapping[str, Any], current: list[dict[str, Any]] | None = None) -> dict[str, Any]:
