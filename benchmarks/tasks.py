@@ -151,7 +151,9 @@ def _eval_subset(x: torch.Tensor, y: torch.Tensor, n: int, batch_size: int = 500
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def _mlp(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
+def _classifier(name: str, model: Callable[[], nn.Module], what: str, model_seed: int, data_seed: int,
+                quick: bool, fashion_root: str | None, default_steps: int) -> Task:
+    """A Fashion-MNIST classification task (cross-entropy) for ``model``."""
     fm = _fashion(fashion_root)
     batch_size, n_eval = 128, (500 if quick else 2000)
 
@@ -160,14 +162,19 @@ def _mlp(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None)
         return F.cross_entropy(model(x), y)
 
     return Task(
-        name="mlp",
-        description=f"MLP 784-256-256-10 on Fashion-MNIST, batch {batch_size}; eval: first {n_eval} test images",
-        make_model=_seeded(lambda: MLP(784, (256, 256), 10), model_seed),
+        name=name,
+        description=f"{what} on Fashion-MNIST, batch {batch_size}; eval: first {n_eval} test images",
+        make_model=_seeded(model, model_seed),
         batches=lambda: _image_batches(fm["train_x"], fm["train_y"], batch_size, data_seed),
         loss=loss,
         eval_set=_eval_subset(fm["test_x"], fm["test_y"], n_eval),
-        default_steps=300,
+        default_steps=default_steps,
     )
+
+
+def _mlp(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
+    return _classifier("mlp", lambda: MLP(784, (256, 256), 10), "MLP 784-256-256-10",
+                       model_seed, data_seed, quick, fashion_root, default_steps=300)
 
 
 def _autoencoder(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
@@ -193,23 +200,9 @@ def _autoencoder(model_seed: int, data_seed: int, quick: bool, fashion_root: str
 
 
 def _convnet(model_seed: int, data_seed: int, quick: bool, fashion_root: str | None) -> Task:
-    fm = _fashion(fashion_root)
-    batch_size, n_eval = 128, (500 if quick else 2000)
-
-    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    return Task(
-        name="convnet",
-        description=(f"ConvNet (5x5 conv 16, 5x5 conv 32, max-pool, linear) on Fashion-MNIST, batch {batch_size}; "
-                     f"eval: first {n_eval} test images"),
-        make_model=_seeded(lambda: ConvNet((16, 32), 10), model_seed),
-        batches=lambda: _image_batches(fm["train_x"], fm["train_y"], batch_size, data_seed),
-        loss=loss,
-        eval_set=_eval_subset(fm["test_x"], fm["test_y"], n_eval),
-        default_steps=200,
-    )
+    return _classifier("convnet", lambda: ConvNet((16, 32), 10),
+                       "ConvNet (5x5 conv 16, 5x5 conv 32, max-pool, linear)",
+                       model_seed, data_seed, quick, fashion_root, default_steps=200)
 
 
 _BUILDERS = {"chargpt": _chargpt, "mlp": _mlp, "autoencoder": _autoencoder, "convnet": _convnet, "gpt2": _gpt2}

@@ -81,7 +81,7 @@ class SOAP(PreconditionedOptimizer):
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                   weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                                   reference=reference, shifted_refresh=shifted_refresh,
-                            matmul_dtype=matmul_dtype)
+                                  matmul_dtype=matmul_dtype)
         algorithm = BasisFirst(KroneckerStatistics(), AdamInBasisScaling(), refresh_method="power",
                                sort_on_refresh=True, decay_after_update=True)
         super().__init__(params, config, algorithm, **options)
@@ -119,8 +119,7 @@ class KLSOAP(PreconditionedOptimizer):
         config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                           precondition_frequency=precondition_frequency, reference=reference,
                           shifted_refresh=shifted_refresh, debias=debias, init_factor=init_factor,
-                          max_clamp_value=max_clamp_value,
-                            matmul_dtype=matmul_dtype)
+                          max_clamp_value=max_clamp_value, matmul_dtype=matmul_dtype)
         algorithm = BasisFirst(TwoSidedStatistics(), AdamInBasisScaling(reference_bias_correction=False),
                                refresh_method="power", sort_on_refresh=True, decay_after_update=True,
                                reference_sort=False, config_type=KLConfig)
@@ -172,8 +171,7 @@ class KLShampoo(PreconditionedOptimizer):
         config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                           precondition_frequency=precondition_frequency, reference=reference,
                           shifted_refresh=shifted_refresh, debias=debias, init_factor=init_factor,
-                          max_clamp_value=max_clamp_value,
-                            matmul_dtype=matmul_dtype)
+                          max_clamp_value=max_clamp_value, matmul_dtype=matmul_dtype)
         algorithm = BasisFirst(TwoSidedStatistics(), KLEigenvalueScaling(), refresh_method="power",
                                sort_on_refresh=False, reference_decay_after=True, config_type=KLConfig)
         super().__init__(params, config, algorithm, **options)
@@ -209,7 +207,7 @@ class EigenvalueCorrectedShampoo(PreconditionedOptimizer):
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                   weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                                   reference=reference, shifted_refresh=shifted_refresh,
-                            matmul_dtype=matmul_dtype)
+                                  matmul_dtype=matmul_dtype)
         algorithm = EigenvalueCorrected(KroneckerStatistics(), EigenvalueCorrectedScaling(), refresh_method="eigh",
                                         sort_on_refresh=True)
         super().__init__(params, config, algorithm, **options)
