@@ -258,25 +258,36 @@ class Cache:
         self.reused = 0
         self.seconds = 0.0  # wall-clock of every run the report covers (trained now or cached)
         self.out_of_time = False
-        self._versions: dict[str, str] = {}
+        self.versions: dict[str, str] = {}
+        self.stale: dict[str, set[str]] = {}  # contender -> older code versions its reused runs came from
         self._tasks: dict[tuple[str, int, bool], Task] = {}
 
-    def fingerprint(self, c: Contender, key: RunKey) -> str:
-        if c.name not in self._versions:
-            self._versions[c.name] = code_version(c)
+    def fingerprint(self, c: Contender, key: RunKey, code: str | None = None) -> str:
+        """The run's settings and ``code`` (default: the contender's current code version)."""
+        if c.name not in self.versions:
+            self.versions[c.name] = code_version(c)
         settings = {**asdict(key), "refresh_every": REFRESH_EVERY, "block": BLOCK.get(key.task, 1024),
-                    "eval_points": EVAL_POINTS, "code": self._versions[c.name]}
+                    "eval_points": EVAL_POINTS, "code": self.versions[c.name] if code is None else code}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def get(self, c: Contender, key: RunKey, *, run: bool = True) -> dict[str, Any] | None:
-        """The run's record: from disk if current, else trained now (unless out of time)."""
+        """The run's record: from disk if current, else trained now (unless out of time).
+
+        Without ``run`` (``--report-only``) a record with the same settings made by another
+        version of the contender's code is used too, and listed in :attr:`stale`: a report
+        regenerated after a code change shows what was measured, and says with which code.
+        """
         path = key.path(self.out)
         fp = self.fingerprint(c, key)
         if path.exists():
             record = json.loads(path.read_text())
-            if record.get("fingerprint") == fp:
+            current = record.get("fingerprint") == fp
+            same_settings = record.get("fingerprint") == self.fingerprint(c, key, record.get("code", ""))
+            if current or (not run and same_settings):
                 self.reused += 1
                 self.seconds += record.get("wall_seconds", 0.0)
+                if not current:
+                    self.stale.setdefault(c.name, set()).add(record["code"])
                 return record
         if not run or time.monotonic() > self.deadline:
             self.out_of_time = self.out_of_time or run
@@ -287,7 +298,7 @@ class Cache:
                                                 quick=key.quick)}
         t0 = time.perf_counter()
         record = train_one(self._tasks[task_key], c, key)
-        record.update(key=asdict(key), fingerprint=fp, code=self._versions[c.name],
+        record.update(key=asdict(key), fingerprint=fp, code=self.versions[c.name],
                       wall_seconds=time.perf_counter() - t0)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -553,6 +564,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             f"({cache.seconds / 60:.0f} min of runs in all); "
             + (f"{incomplete} sweeps incomplete (re-run the command to continue)." if incomplete
                else "every sweep complete."))
+    if cache.stale:
+        older = (f"{name} ({', '.join(sorted(codes))}; now {cache.versions[name]})"
+                 for name, codes in sorted(cache.stale.items()))
+        note += " Recorded with an earlier code version than the checkout's: " + "; ".join(older) + "."
     if unavailable:
         note += " Unavailable: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()) + "."
     report = render(task_rows, steps, {"command": command, "note": note})

@@ -114,3 +114,26 @@ def test_quick_resumes_from_the_cache(quick_out):
     out, _ = quick_out
     again = _run(out)
     assert "[quality] 0 runs trained now" in again.stdout
+
+
+def test_report_only_uses_runs_of_an_older_code_version_and_names_it(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(quality, "build_task", lambda *a, **k: object())
+    monkeypatch.setattr(quality, "train_one", lambda task, c, key: trained.append(key) or {
+        "status": "ok", "evals": [{"step": 3, "time": 1.0, "eval_loss": 1.5}], "step_times": [0.1]})
+    c = Contender("SOAP", "SOAP", "ours", build=None)
+    key = quality.RunKey("mlp", "SOAP", 1e-3, 0, 3, False)
+    monkeypatch.setattr(quality, "code_version", lambda c: "lightning_precond:old")
+    quality.Cache(tmp_path, math.inf).get(c, key)
+    monkeypatch.setattr(quality, "code_version", lambda c: "lightning_precond:new")
+
+    report = quality.Cache(tmp_path, math.inf)
+    assert report.get(c, key, run=False)["evals"][-1]["eval_loss"] == 1.5 and len(trained) == 1
+    assert report.stale == {"SOAP": {"lightning_precond:old"}}
+    other_settings = quality.RunKey("mlp", "SOAP", 1e-3, 0, 4, False)  # 4 steps: never recorded
+    assert report.get(c, other_settings, run=False) is None
+
+    rerun = quality.Cache(tmp_path, math.inf)
+    rerun.get(c, key)  # a training call re-runs a run recorded with older code
+    assert len(trained) == 2 and rerun.stale == {}
+    assert json.loads(key.path(tmp_path).read_text())["code"] == "lightning_precond:new"
