@@ -501,6 +501,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({env['processor'] or env['machine']}), python {env['python']}."
     )
     lines.append("")
+    if report["timing"]:
+        lines += _timing_protocol(cfg)
+    threads = report["threads"]
+    lines.append(f"**Threads: {threads['used']}** ({threads['reason']}).")
+    lines.append("")
+    probe = report.get("thread_probe")
+    if probe:
+        lines += _probe_lines(probe)
+    for key, result in report["timing"].items():
+        lines += _timing_lines(result)
+    refresh = report.get("refresh")
+    if refresh:
+        lines += _refresh_lines(refresh)
+    if report.get("notes"):
+        lines.append("## Notes")
+        lines.append("")
+        lines.extend(f"- {note}" for note in report["notes"])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _timing_protocol(cfg: dict[str, Any]) -> list[str]:
+    lines = []
     lines.append(
         f"Protocol: every contender has its own model (same initialization) and is warmed up "
         f"for {cfg['warmup']} steps; then {cfg['rounds']} rounds, each running {cfg['steps']} "
@@ -515,10 +538,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(foreach). Optimizer state is `state_bytes()` (AdamW: its state tensors)."
     )
     lines.append("")
-    threads = report["threads"]
-    lines.append(f"**Threads: {threads['used']}** ({threads['reason']}).")
-    lines.append("")
-    probe = report.get("thread_probe")
+    return lines
+
+
+def _probe_lines(probe: dict[str, Any]) -> list[str]:
+    lines = []
     if probe:
         counts = probe["counts"]
         lines.append(
@@ -545,7 +569,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"(more threads only if >= {100 * probe['margin']:.0f}% faster)."
         )
         lines.append("")
-    for key, result in report["timing"].items():
+    return lines
+
+
+def _timing_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    if result:
         lines.append(f"## Step time: {result['title']}")
         lines.append("")
         lines.append(
@@ -569,7 +598,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{entry['state_ratio']:.2f} |"
             )
         lines.append("")
-    refresh = report.get("refresh")
+    return lines
+
+
+def _refresh_lines(refresh: dict[str, Any]) -> list[str]:
+    lines = []
     if refresh:
         lines.append(
             f"## Adaptive vs periodic refresh: CharGPT on {refresh['data']}, {refresh['steps']} steps"
@@ -577,9 +610,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             f"periodic: refresh every {refresh['precondition_frequency']} steps (each optimizer's "
-            f"own method); adaptive: every {refresh['refresh_check_interval']} steps refresh (QR "
-            f"algorithm) only the factors whose staleness ||offdiag(Q^T F Q)||/||Q^T F Q|| exceeds "
-            f"the tolerance ({', '.join(str(t) for t in refresh['refresh_tolerances'])}). "
+            f"own method); adaptive: every {refresh['refresh_check_interval']} steps refresh, with the "
+            f"optimizer's own method started from the check's product F Q, only the factors whose "
+            f"staleness ||offdiag(Q^T F Q)||/||Q^T F Q|| exceeds the tolerance ({', '.join(str(t) for t in refresh['refresh_tolerances'])}). "
             f"Refreshes = sum of `refresh_count` over factors (incl. the initial basis). Train loss "
             f"= mean of the last {refresh['train_loss_window']} training losses; eval loss over "
             f"{refresh['eval_batches']} held-out batches. All runs share batches and step in "
@@ -589,10 +622,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             "| optimizer | refresh | refreshes | factors | refreshes / factor | mean staleness "
-            "| train loss | eval loss | step s | opt.step s |"
+            "| train loss | eval loss | step s | opt.step s | opt.step x periodic |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        periodic = {run["optimizer"]: run["opt_step_seconds_total"] for run in refresh["runs"]
+                    if run["refresh"] == "periodic"}
         for run in refresh["runs"]:
+            base = periodic.get(run["optimizer"])
+            versus = f"{run['opt_step_seconds_total'] / base:.2f}" if base else "-"
             if "refreshes" in run:
                 per = run["refreshes"] / run["factors"] if run["factors"] else 0.0
                 counts = (
@@ -603,15 +640,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {run['optimizer']} | {_mode_label(run)} | {counts} | {run['train_loss']:.3f} | "
                 f"{run['eval_loss']:.3f} | {run['step_seconds_total']:.2f} | "
-                f"{run['opt_step_seconds_total']:.2f} |"
+                f"{run['opt_step_seconds_total']:.2f} | {versus} |"
             )
         lines.append("")
-    if report.get("notes"):
-        lines.append("## Notes")
-        lines.append("")
-        lines.extend(f"- {note}" for note in report["notes"])
-        lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------- main
@@ -648,6 +680,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="transformer tokens (default: auto = Shakespeare, else random; --quick: random)",
     )
     parser.add_argument("--profile", action="store_true", help="also profile SOAP steps")
+    parser.add_argument(
+        "--refresh-only", action="store_true",
+        help="only the adaptive-vs-periodic experiment (4.), to <out>/refresh.md and refresh.json",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -716,7 +752,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. threads
     probe = None
-    if not args.skip_thread_probe:
+    if args.refresh_only:
+        workloads = []  # sections 1-3 skipped
+        if args.threads == "auto":
+            args.threads = "1"
+    if not args.skip_thread_probe and workloads:
         counts = [int(c) for c in args.probe_threads.split(",") if c.strip()]
         probe = thread_probe(
             workloads, counts, args.probe_rounds, args.probe_steps, args.probe_warmup,
@@ -769,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         del contenders
 
     # 4. adaptive vs periodic refresh
-    if args.refresh_steps > 0 and "transformer" in models:
+    if args.refresh_steps > 0 and ("transformer" in models or args.refresh_only):
         if text.source != "shakespeare":
             report["notes"].append(
                 f"Refresh experiment ran on {text.source}, not Shakespeare (losses are not meaningful)."
@@ -790,8 +830,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["total_seconds"] = time.perf_counter() - started
     report["notes"].append(f"Total benchmark wall time: {report['total_seconds']:.0f} s.")
     markdown = render_markdown(report)
-    (args.out / "step_time.md").write_text(markdown + "\n")
-    (args.out / "step_time.json").write_text(json.dumps(report, indent=1) + "\n")
+    stem = "refresh" if args.refresh_only else "step_time"
+    (args.out / f"{stem}.md").write_text(markdown + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     print(markdown)
     return report
 

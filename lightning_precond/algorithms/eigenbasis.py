@@ -37,6 +37,7 @@ __all__ = [
     "qr_algorithm",
     "rayleigh_diagonal",
     "staleness",
+    "staleness_from_product",
     "eigenvalue_staleness",
 ]
 
@@ -84,6 +85,29 @@ def _staleness(projected: Tensor) -> Tensor:
     off = torch.linalg.matrix_norm(projected - torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1)))
     # total >= 0, so this is "total > 0 ? off / total : 0" for a finite B; NaN propagates.
     return torch.where(total == 0, 0.0, off / total.clamp_min(torch.finfo(total.dtype).tiny))
+
+
+# Below this tolerance :func:`staleness_from_product` is too close to its rounding floor to
+# decide; the check then forms ``Q^T A Q`` (see there).
+PRODUCT_CHECK_MIN_TOLERANCE = 1e-2
+
+
+def staleness_from_product(product: Tensor, basis: Tensor) -> Tensor:
+    """:func:`staleness` of ``Q^T A Q`` from ``P = A Q`` alone: one ``d^3`` product, not two.
+
+    Column ``i`` of ``Q^T A Q`` is ``Q^T P e_i``, whose norm is ``||P e_i||`` for an orthogonal
+    ``Q``, so ``||offdiag||^2 = sum_i ||P e_i||^2 - (q_i . P e_i)^2``. The sums run in float64;
+    what is left is ``P``'s own rounding and ``Q``'s distance from orthogonality, a floor near
+    ``5e-4`` for float32 1024-wide factors (measured against the formed product: the two agree
+    to 1e-4 from staleness 2e-3 up). Hence :data:`PRODUCT_CHECK_MIN_TOLERANCE`. ``P`` is
+    also the power step's input, which is why the adaptive refresh checks this way.
+    """
+    wide = product.to(torch.float64)
+    diagonal = (basis.to(torch.float64) * wide).sum(dim=-2)
+    total = wide.square().sum(dim=(-2, -1))
+    off = (total - diagonal.square().sum(dim=-1)).clamp_min(0.0)
+    ratio = torch.where(total == 0, 0.0, (off / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt())
+    return torch.nan_to_num(ratio, nan=float("inf"), posinf=float("inf")).to(product.dtype)
 
 
 def eigenvalue_staleness(in_use: Tensor, current: Tensor) -> Tensor:
@@ -194,21 +218,19 @@ def _eigh_float64(factor: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, lis
     return values, vectors, ok
 
 
-def _sort_by_rayleigh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    order = torch.argsort(rayleigh_diagonal(factor, basis), dim=-1, descending=True)
-    return basis.gather(-1, order.unsqueeze(-2).expand_as(basis)), order
-
-
 # A refresh computation over a stack ``[k, d, d]`` or one matrix ``[d, d]``:
-# (factor, basis) -> (new basis, eigenvalue estimates, permutation or None, iterations).
-_Compute = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None, int]]
+# (factor, basis, factor @ basis or None) -> (new basis, eigenvalue estimates, permutation or None,
+# iterations).
+_Compute = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor | None, int]]
 
 
-def _refresh_with_fallback(compute: _Compute, factor: Tensor, previous: Tensor, sort: bool) -> BasisResult:
-    """``compute`` batched over the stack; failed matrices redone in float64 one by one."""
+def _refresh_with_fallback(compute: _Compute, factor: Tensor, previous: Tensor, sort: bool,
+                           product: Tensor | None = None) -> BasisResult:
+    """``compute`` batched over the stack; failed matrices redone in float64 one by one.
+    ``product``: ``factor @ previous`` when the caller has it (the batched pass reuses it)."""
     k = factor.shape[0]
     try:
-        basis, values, order, iterations = compute(factor, previous)
+        basis, values, order, iterations = compute(factor, previous, product)
         redo = _non_finite_rows(basis, values)
     except _LAPACK_ERRORS:
         basis = previous
@@ -228,7 +250,8 @@ def _refresh_with_fallback(compute: _Compute, factor: Tensor, previous: Tensor, 
         good = bool(torch.isfinite(wide_factor).all())
         if good:
             try:
-                matrix_basis, matrix_values, matrix_order, matrix_iterations = compute(wide_factor, wide_previous)
+                matrix_basis, matrix_values, matrix_order, matrix_iterations = compute(
+                    wide_factor, wide_previous, None)
                 matrix_basis, matrix_values = matrix_basis.to(dtype), matrix_values.to(dtype)
                 good = bool(torch.isfinite(matrix_basis).all() and torch.isfinite(matrix_values).all())
                 iterations = max(iterations, matrix_iterations)
@@ -279,8 +302,10 @@ def power_shift(dim: int, dtype: torch.dtype) -> float:
     return max(1e-8, min(SHIFT_UNITS * dim * torch.finfo(dtype).eps, 0.125))
 
 
-def _power(factor: Tensor, basis: Tensor, sort: bool, shift: bool = False) -> tuple[Tensor, Tensor, Tensor | None, int]:
-    product = factor @ basis
+def _power(factor: Tensor, basis: Tensor, sort: bool, shift: bool = False,
+           product: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    if product is None:
+        product = factor @ basis
     values = (basis * product).sum(dim=-2)
     if shift:
         magnitude = values.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
@@ -294,7 +319,8 @@ def _power(factor: Tensor, basis: Tensor, sort: bool, shift: bool = False) -> tu
     return torch.linalg.qr(product).Q, values, order, 1
 
 
-def power_step(factor: Tensor, basis: Tensor, sort: bool, shift: bool = False) -> BasisResult:
+def power_step(factor: Tensor, basis: Tensor, sort: bool, shift: bool = False,
+               product: Tensor | None = None) -> BasisResult:
     """SOAP's refresh: optionally sort columns by ``diag(Q^T A Q)``, then ``Q <- qr(A Q).Q``
     (``shift``: ``Q <- qr((A + c max|diag(Q^T A Q)| I) Q).Q``, see :func:`power_shift`).
 
@@ -303,18 +329,24 @@ def power_step(factor: Tensor, basis: Tensor, sort: bool, shift: bool = False) -
     those Rayleigh quotients, i.e. measured in the basis being replaced. Failures follow the
     module's contract (float64 redo, else ``ok[i] = False`` and the previous basis).
     """
-    result = _refresh_with_fallback(lambda a, q: _power(a, q, sort, shift), factor, basis, sort)
+    result = _refresh_with_fallback(lambda a, q, p: _power(a, q, sort, shift, p), factor, basis, sort, product)
     result.iterations = 1
     return result
 
 
 def _qr_iterations(
-    factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool
+    factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool,
+    product: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    if product is None:
+        product = factor @ basis
     order = None
     if sort:
-        basis, order = _sort_by_rayleigh(factor, basis)
-    projected = basis.mT @ factor @ basis
+        # A column permutation commutes with the product: A (Q P) = (A Q) P.
+        order = torch.argsort((basis * product).sum(dim=-2), dim=-1, descending=True)
+        index = order.unsqueeze(-2).expand_as(basis)
+        basis, product = basis.gather(-1, index), product.gather(-1, index)
+    projected = basis.mT @ product
     # Converged matrices stop iterating, so each factor's result does not depend on which
     # other factors share its batch (the same on every rank, at every world size). A
     # non-finite matrix has NaN staleness: it never iterates and is caught by the caller.
@@ -338,7 +370,8 @@ def _qr_iterations(
 
 
 def qr_algorithm(
-    factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool
+    factor: Tensor, basis: Tensor, tolerance: float, max_iterations: int, sort: bool,
+    product: Tensor | None = None,
 ) -> BasisResult:
     """Warm-started (unshifted) QR algorithm, iterated on each matrix of the stack until its
     ``staleness <= tolerance`` or ``max_iterations`` is reached.
@@ -349,5 +382,5 @@ def qr_algorithm(
     previous basis).
     """
     return _refresh_with_fallback(
-        lambda a, q: _qr_iterations(a, q, tolerance, max_iterations, sort), factor, basis, sort
+        lambda a, q, p: _qr_iterations(a, q, tolerance, max_iterations, sort, p), factor, basis, sort, product
     )

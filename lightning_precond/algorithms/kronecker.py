@@ -271,9 +271,10 @@ class KroneckerAlgorithm:
         return 0
 
     def refresh(self, state: KroneckerState, side: str, method: str, tolerance: float,
-                max_iterations: int, config: Any = None) -> list[bool]:
+                max_iterations: int, config: Any = None, product: Tensor | None = None) -> list[bool]:
         """Recompute ``side``'s basis of every block in ``state``; failed blocks keep theirs.
-        ``config``: the group's (its refresh options); None: the default mode's."""
+        ``config``: the group's (its refresh options); None: the default mode's. ``product``:
+        :meth:`basis_and_product`'s when the caller has it (the power and QR methods start from it)."""
         factors = state.factors
         factor, old = factors.factor(side), factors.basis(side)
         assert factor is not None and old is not None, f"the {side} side is an identity side: nothing to refresh"
@@ -282,9 +283,9 @@ class KroneckerAlgorithm:
             result = eigh_descending(factor, old)
         elif method == "power":
             shift = bool(getattr(config, "shift", False)) if config is not None else False
-            result = power_step(factor, old, sort, shift)
+            result = power_step(factor, old, sort, shift, product)
         else:
-            result = qr_algorithm(factor, old, tolerance, max_iterations, sort)
+            result = qr_algorithm(factor, old, tolerance, max_iterations, sort, product)
         if not all(result.ok):
             # A failed matrix keeps its basis and the eigenvalues that go with it.
             keep = torch.tensor(result.ok, device=old.device).view(-1, 1, 1)
@@ -298,6 +299,10 @@ class KroneckerAlgorithm:
     def projected(self, state: KroneckerState, side: str) -> Tensor:
         basis = state.factors.basis(side)
         return basis.mT @ state.factors.factor(side) @ basis
+
+    def basis_and_product(self, state: KroneckerState, side: str) -> tuple[Tensor, Tensor]:
+        basis = state.factors.basis(side)
+        return basis, state.factors.factor(side) @ basis
 
     def eigenvalues_in_use(self, state: KroneckerState, side: str) -> Tensor:
         return state.factors.eigenvalues(side)

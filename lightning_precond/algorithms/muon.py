@@ -142,10 +142,13 @@ class Orthogonalized:
         return False
 
     def refresh(self, state: Any, side: str, method: str, tolerance: float, max_iterations: int,
-                config: Any = None) -> list[bool]:
+                config: Any = None, product: Tensor | None = None) -> list[bool]:
         raise TypeError("Muon keeps no eigenbasis to refresh")
 
     def projected(self, state: Any, side: str) -> Tensor:
+        raise TypeError("Muon keeps no Kronecker factors")
+
+    def basis_and_product(self, state: Any, side: str) -> tuple[Tensor, Tensor]:
         raise TypeError("Muon keeps no Kronecker factors")
 
     def eigenvalues_in_use(self, state: Any, side: str) -> Tensor:

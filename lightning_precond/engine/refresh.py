@@ -9,7 +9,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..algorithms.eigenbasis import REFRESH_METHODS, staleness
+import torch
+from torch import Tensor
+
+from ..algorithms.eigenbasis import (PRODUCT_CHECK_MIN_TOLERANCE, REFRESH_METHODS, staleness,
+                                     staleness_from_product)
 from ..options import EngineOptions, check_tolerance
 from .buckets import Bucket, selected
 
@@ -65,15 +69,25 @@ class RefreshPolicy:
             return
         never = any(bucket.records[i].sides[side].refreshes == 0 for i in positions for side in sides[:1])
         if never or step % self.options.refresh_check_interval == 0:
-            self.refresh_stale(bucket, positions, state, step, self.options.refresh_tolerance)
+            self.refresh_stale(bucket, positions, state, step, self.options.refresh_tolerance, self.method())
 
     def refresh_stale(
         self, bucket: Bucket, positions: list[int], state: Any, step: int, tolerance: float, method: str = "qr"
     ) -> list[RefreshedFactor]:
-        """Refresh, side by side, the factors whose staleness exceeds ``tolerance``."""
+        """Refresh, side by side, the factors whose staleness exceeds ``tolerance``.
+
+        The check costs one ``d^3`` product per factor, ``P = A Q``
+        (:func:`staleness_from_product`), and the power and QR refreshes of the stale ones start
+        from it: checking and refreshing a stale factor costs what refreshing it alone does.
+        """
         refreshed: list[RefreshedFactor] = []
         for side in bucket.sides:
-            stale = (staleness(self.algorithm.projected(state, side)) > tolerance).tolist()
+            basis, product = self.algorithm.basis_and_product(state, side)
+            if tolerance >= PRODUCT_CHECK_MIN_TOLERANCE:
+                current = staleness_from_product(product, basis)
+            else:
+                current = staleness(basis.mT @ product)
+            stale = (current > tolerance).tolist()
             rows = [
                 r for r, i in enumerate(positions)
                 if stale[r] or bucket.records[i].sides[side].refreshes == 0
@@ -81,8 +95,9 @@ class RefreshPolicy:
             if not rows:
                 continue
             chosen = [positions[r] for r in rows]
+            reused = product if len(rows) == len(positions) else product[torch.tensor(rows, device=product.device)]
             with selected(state, rows, len(positions)) as sub:
-                self.refresh_sides(bucket, chosen, sub, method, (side,), step, tolerance)
+                self.refresh_sides(bucket, chosen, sub, method, (side,), step, tolerance, reused)
             refreshed.extend(RefreshedFactor(bucket.blocks[i].id, side) for i in chosen)
         return refreshed
 
@@ -95,13 +110,16 @@ class RefreshPolicy:
         sides: Sequence[str],
         step: int,
         tolerance: float | None = None,
+        product: Tensor | None = None,
     ) -> None:
-        """Recompute the bases of ``sides`` for the blocks at ``positions`` (rows of ``state``)."""
+        """Recompute the bases of ``sides`` for the blocks at ``positions`` (rows of ``state``);
+        ``product``: the single side's ``A Q`` when the caller computed it."""
         tol = self.options.refresh_tolerance if tolerance is None else tolerance
+        assert product is None or len(sides) == 1, "a product belongs to one side"
         for side in sides:
             started = time.perf_counter()
             ok = self.algorithm.refresh(state, side, method, tol, self.options.max_qr_iterations,
-                                        self.config_of(bucket.group_index))
+                                        self.config_of(bucket.group_index), product=product)
             seconds = (time.perf_counter() - started) / max(1, len(positions))
             self._record(bucket, positions, side, ok, step, seconds)
 
