@@ -291,3 +291,36 @@ def test_reference_is_a_per_group_hyperparameter(name):
         opt.step()
     torch.testing.assert_close(mixed[0].detach(), alone, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(mixed[1].detach(), default, rtol=1e-12, atol=1e-14)
+
+
+class _CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix-matrix products (mm / bmm, not matrix-vector) dispatched inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "bmm"):
+            a, b = args[0], args[1]
+            self.count += int(a.shape[-2] > 1 and b.shape[-1] > 1)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, products", [("KLSOAP", 7), ("SOAP", 6), ("KLShampoo", 9)])
+def test_a_step_without_refresh_forms_each_gradient_projection_once(name, products):
+    # One block; a step between refreshes. KL-SOAP: Q_a^T G, G Q_b, Q_a^T G Q_b (shared by its
+    # scaling and its two-sided statistics), two products out of the basis, two factor
+    # updates. SOAP: two statistics, two in, two out. KL-Shampoo projects the momentum
+    # (two in, two out), not the gradient; its statistics take the three gradient products and
+    # the two factor updates.
+    w0, grad_fn = least_squares(n=8)
+    param = torch.nn.Parameter(w0.clone())
+    opt = getattr(lp, name)([param], precondition_frequency=1000)
+    for _ in range(3):
+        param.grad = grad_fn(param.detach().clone())
+        opt.step()
+    param.grad = grad_fn(param.detach().clone())
+    with _CountMatmuls() as counter:
+        opt.step()
+    assert counter.count == products

@@ -30,7 +30,7 @@ from .base import Direction, FactoredConfig, GroupConfig, StepContext, check_bet
 from .eigenbasis import BasisResult
 from .kronecker import KroneckerState, StatisticsFirst
 from .scaling import Scaling
-from .statistics import KroneckerFactors, KroneckerStatistics, ema_
+from .statistics import GradientProjections, KroneckerFactors, KroneckerStatistics, ema_
 from .precision import matmul_dtype_of
 
 __all__ = ["ASGOConfig", "OneSidedMoments", "OneSidedRootScaling", "OneSided"]
@@ -93,7 +93,7 @@ class OneSidedRootScaling(Scaling):
         return {"exp_avg": (m, n), "factor_weight": (1,), "root_weight": (1,)}
 
     def direction(self, factors: KroneckerFactors, moments: OneSidedMoments, grad: Tensor, step: int,
-                  config: Any) -> tuple[Tensor, float]:
+                  config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         beta1 = config.betas[0]
         exp_avg = ema_(moments.exp_avg, grad, beta1)
         momentum = exp_avg / (1.0 - beta1**step) if beta1 > 0 else exp_avg

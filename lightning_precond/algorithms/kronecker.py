@@ -33,7 +33,8 @@ from .base import (
 from .eigenbasis import eigh_descending, power_step, qr_algorithm
 from .grafting import GRAFTING_METHODS
 from .scaling import Scaling
-from .statistics import SIDES, KroneckerFactors, KroneckerStatistics, kl_inverse
+from .precision import matmul_dtype_of
+from .statistics import SIDES, GradientProjections, KroneckerFactors, KroneckerStatistics, kl_inverse
 
 __all__ = ["EigenbasisConfig", "KLConfig", "ShampooConfig", "KroneckerState", "BasisFirst", "StatisticsFirst",
            "EigenvalueCorrected"]
@@ -320,9 +321,12 @@ class BasisFirst(KroneckerAlgorithm):
             self.statistics.initialize_from(state.factors, grads, beta, config)
             ctx.refresh_all("eigh")
             return None
-        update, step_size = self.scaling.direction(state.factors, state.moments, grads, ctx.step, config)
+        # One set of projections for both parts: the bases do not change between them.
+        projections = GradientProjections(state.factors, grads, matmul_dtype_of(config))
+        update, step_size = self.scaling.direction(state.factors, state.moments, grads, ctx.step, config,
+                                                   projections=projections)
         beta = beta_at(ctx.step + 1) if beta_at is not None else config.factor_beta
-        self.statistics.update(state.factors, grads, beta, config)
+        self.statistics.update(state.factors, grads, beta, config, projections=projections)
         ctx.refresh_if_due()
         return Direction(update, step_size)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .eigenbasis import BasisResult
 from .grafting import graft_direction, graft_norm
-from .statistics import KroneckerFactors, ema_, permute_along
+from .statistics import GradientProjections, KroneckerFactors, ema_, permute_along
 from .precision import matmul_dtype_of
 
 __all__ = [
@@ -62,7 +62,7 @@ class Scaling:
         return {"exp_avg": (m, n)}
 
     def direction(self, factors: KroneckerFactors, moments: Any, grad: Tensor, step: int,
-                  config: Any) -> tuple[Tensor, float]:
+                  config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         raise NotImplementedError
 
     def on_refresh(self, moments: Any, side: str, old_basis: Tensor, result: BasisResult) -> None:
@@ -83,7 +83,7 @@ class InverseRootScaling(Scaling):
         return shapes
 
     def direction(self, factors: KroneckerFactors, moments: ShampooMoments, grad: Tensor, step: int,
-                  config: Any) -> tuple[Tensor, float]:
+                  config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         beta1 = config.betas[0]
         exp_avg = ema_(moments.exp_avg, grad, beta1)
         momentum = exp_avg / (1.0 - beta1**step) if beta1 > 0 else exp_avg
@@ -142,10 +142,11 @@ class AdamInBasisScaling(_SecondMomentInBasis):
         self.reference_bias_correction = reference_bias_correction
 
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
-                  config: Any) -> tuple[Tensor, float]:
+                  config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         assert moments.exp_avg_sq is not None
         beta1, beta2 = config.betas
-        projected = factors.to_basis(grad, matmul_dtype_of(config))
+        projected = (projections.both() if projections is not None
+                     else factors.to_basis(grad, matmul_dtype_of(config)))
         exp_avg = ema_(moments.exp_avg, projected, beta1)
         exp_avg_sq = ema_(moments.exp_avg_sq, projected * projected, beta2)
         update = factors.from_basis(exp_avg / (exp_avg_sq.sqrt() + config.eps), matmul_dtype_of(config))
@@ -172,7 +173,7 @@ class EigenvalueCorrectedScaling(_SecondMomentInBasis):
     """
 
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
-                  config: Any) -> tuple[Tensor, float]:
+                  config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         assert moments.exp_avg_sq is not None
         beta1, beta2 = config.betas
         exp_avg = ema_(moments.exp_avg, grad, beta1)
@@ -192,7 +193,7 @@ class KLEigenvalueScaling(Scaling):
     using the clamped EMA eigenvalues."""
 
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
-                  config: Any) -> tuple[Tensor, float]:
+                  config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         exp_avg = ema_(moments.exp_avg, grad, config.betas[0])
         # An identity side has lambda = 1: its factor of the outer product is 1.
         inv: Tensor | float = 1.0
