@@ -565,9 +565,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             + (f"{incomplete} sweeps incomplete (re-run the command to continue)." if incomplete
                else "every sweep complete."))
     if cache.stale:
-        older = (f"{name} ({', '.join(sorted(codes))}; now {cache.versions[name]})"
-                 for name, codes in sorted(cache.stale.items()))
-        note += " Recorded with an earlier code version than the checkout's: " + "; ".join(older) + "."
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for name, codes in sorted(cache.stale.items()):
+            grouped.setdefault((", ".join(sorted(codes)), cache.versions[name]), []).append(name)
+        older = (f"{', '.join(names)} with {codes} (the checkout: {now})" for (codes, now), names in grouped.items())
+        note += " Recorded with an earlier code version: " + "; ".join(older) + "."
     if unavailable:
         note += " Unavailable: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()) + "."
     report = render(task_rows, steps, {"command": command, "note": note})
