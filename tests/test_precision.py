@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lightning_precond as lp
-from lightning_precond.algorithms.precision import check_matmul_dtype, product
+from lightning_precond.algorithms import precision
+from lightning_precond.algorithms.precision import TF32, check_matmul_dtype, product
 from lightning_precond.registry import ALGORITHMS
 from tests.test_algorithms import least_squares, run
 
@@ -42,6 +43,42 @@ def test_product_rounds_operands_and_result_through_bfloat16():
     expected = ((a.bfloat16() @ b.bfloat16()) @ c.bfloat16()).float()
     assert torch.equal(product(a, b, c, dtype=torch.bfloat16), expected)
     assert torch.equal(product(a, b, c), a @ b @ c)  # None: the state dtype, the same kernels
+
+
+def test_tf32_is_scoped_to_each_product_and_restores_the_callers_setting(monkeypatch):
+    assert check_matmul_dtype("tf32") == TF32
+    backend = torch.backends.cuda.matmul
+    seen = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spying_matmul(a, b):
+        seen.append(backend.fp32_precision)
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spying_matmul)
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(5, 5, generator=gen) for _ in range(3))
+    for callers in ("ieee", "none"):
+        backend.fp32_precision = callers
+        try:
+            result = product(a, b, c, dtype=TF32)
+            assert seen == ["tf32", "tf32"] and backend.fp32_precision == callers
+            seen.clear()
+            with pytest.raises(RuntimeError, match="inside"), precision.tf32_matmuls():
+                raise RuntimeError("inside")  # restored on an error too
+            assert backend.fp32_precision == callers
+        finally:
+            backend.fp32_precision = "none"
+    assert torch.equal(result, real_matmul(real_matmul(a, b), c))  # on CPU: exact float32
+
+
+def test_a_tf32_optimizer_leaves_the_backend_setting_alone_and_matches_float32_on_cpu():
+    w0, grad_fn = least_squares()
+    tf32 = run(lambda ps: lp.KLSOAP(ps, lr=1e-2, matmul_dtype="tf32"), w0.float(), lambda w: grad_fn(w.double()).float(), 5)
+    assert torch.backends.cuda.matmul.fp32_precision == "none"
+    exact = run(lambda ps: lp.KLSOAP(ps, lr=1e-2), w0.float(), lambda w: grad_fn(w.double()).float(), 5)
+    for a, b in zip(tf32, exact):
+        assert torch.equal(a, b)
 
 
 def _first_step_factor(matmul_dtype):

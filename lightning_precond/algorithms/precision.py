@@ -14,43 +14,73 @@ tensor-core GPUs bfloat16 products run several times faster than float32 ones
 float16 is refused: ``G G^T`` overflows float16's 65504 for gradients the engine's screen
 accepts (it checks ``||G||_F^2`` against the state dtype), so a float16 path would need its
 own scaling.
+
+``"tf32"`` keeps float32 operands and lets CUDA's tensor cores take them as TF32. TF32 is a
+backend setting, not a dtype, so each of these products runs inside :func:`tf32_matmuls`,
+which sets ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` and restores the caller's
+setting after the product: the model's own matmuls, eigendecompositions and QR steps keep
+whatever the user chose. On CPU the flag does nothing and the products are exact float32.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["MATMUL_DTYPES", "check_matmul_dtype", "matmul_dtype_of", "product"]
+__all__ = ["MATMUL_DTYPES", "TF32", "MatmulPrecision", "check_matmul_dtype", "matmul_dtype_of", "product",
+           "tf32_matmuls"]
 
-#: The accepted values of ``matmul_dtype`` besides None (the state dtype).
+#: The accepted values of ``matmul_dtype`` besides None (the state dtype) and :data:`TF32`.
 MATMUL_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+#: float32 products that CUDA may run as TF32 (see the module docstring).
+TF32 = "tf32"
+#: What the products run in: a dtype, :data:`TF32`, or None (the state dtype).
+MatmulPrecision = Union[torch.dtype, Literal["tf32"], None]
 
 
-def check_matmul_dtype(value: Any) -> torch.dtype | None:
-    """``value`` as a dtype (None: the state dtype); a ValueError names the accepted values."""
-    if value is None:
-        return None
+def check_matmul_dtype(value: Any) -> MatmulPrecision:
+    """``value`` as a dtype or :data:`TF32` (None: the state dtype); a ValueError names the
+    accepted values."""
+    if value is None or value == TF32:
+        return value
     if isinstance(value, str) and value in MATMUL_DTYPES:
         return MATMUL_DTYPES[value]
     if isinstance(value, torch.dtype) and value in MATMUL_DTYPES.values():
         return value
     raise ValueError(
-        f"matmul_dtype must be None (the state dtype), 'bfloat16', 'float32' or the torch dtype, got {value!r}"
+        "matmul_dtype must be None (the state dtype), 'bfloat16', 'float32', 'tf32' or the torch dtype, "
+        f"got {value!r}"
         + (" (float16 products of gradients overflow at 65504)" if value in ("float16", torch.float16) else "")
     )
 
 
-def matmul_dtype_of(config: Any) -> torch.dtype | None:
-    """The dtype a group's products run in (None: the state dtype)."""
+def matmul_dtype_of(config: Any) -> MatmulPrecision:
+    """What a group's products run in (None: the state dtype)."""
     return check_matmul_dtype(getattr(config, "matmul_dtype", None))
 
 
-def product(*operands: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``operands[0] @ operands[1] @ ...``, computed in ``dtype`` (None: as they are), the result
-    in the first operand's dtype."""
+@contextmanager
+def tf32_matmuls() -> Iterator[None]:
+    """CUDA float32 matmuls may use TF32 inside; the caller's setting is restored on exit."""
+    backend = torch.backends.cuda.matmul
+    previous = backend.fp32_precision
+    backend.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
+
+
+def product(*operands: Tensor, dtype: MatmulPrecision = None) -> Tensor:
+    """``operands[0] @ operands[1] @ ...``, computed in ``dtype`` (None: as they are; :data:`TF32`:
+    as they are, inside :func:`tf32_matmuls`), the result in the first operand's dtype."""
+    if dtype == TF32:
+        with tf32_matmuls():
+            return product(*operands)
     out_dtype = operands[0].dtype
     if dtype is None or dtype == out_dtype:
         result = operands[0]

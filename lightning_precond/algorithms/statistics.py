@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .eigenbasis import BasisResult
-from .precision import matmul_dtype_of, product
+from .precision import MatmulPrecision, matmul_dtype_of, product
 
 __all__ = ["GradientProjections", "KroneckerFactors", "KroneckerStatistics", "TwoSidedStatistics", "ema_", "SIDES"]
 
@@ -89,7 +89,7 @@ class KroneckerFactors:
     def set_eigenvalues(self, side: str, values: Tensor) -> None:
         setattr(self, f"eigenvalues_{side}", values.contiguous())
 
-    def to_basis(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def to_basis(self, x: Tensor, dtype: MatmulPrecision = None) -> Tensor:
         """``Q_L^T X Q_R`` (an identity side leaves that product out), computed in ``dtype``
         (None: the state dtype; see :mod:`.precision`)."""
         left, right = self.basis_left, self.basis_right
@@ -99,7 +99,7 @@ class KroneckerFactors:
             return product(left.mT, x, dtype=dtype)
         return product(x, right, dtype=dtype) if right is not None else x
 
-    def from_basis(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def from_basis(self, x: Tensor, dtype: MatmulPrecision = None) -> Tensor:
         """``Q_L X Q_R^T`` (an identity side leaves that product out), computed in ``dtype``."""
         left, right = self.basis_left, self.basis_right
         if left is not None and right is not None:
@@ -118,7 +118,7 @@ class GradientProjections:
     so sharing changes no bit. An identity side leaves its product out.
     """
 
-    def __init__(self, factors: KroneckerFactors, grad: Tensor, dtype: torch.dtype | None) -> None:
+    def __init__(self, factors: KroneckerFactors, grad: Tensor, dtype: MatmulPrecision) -> None:
         self.factors, self.grad, self.dtype = factors, grad, dtype
         self._left: Tensor | None = None
         self._right: Tensor | None = None
