@@ -194,3 +194,27 @@ def test_module_lr_schedule_warms_up_then_decays() -> None:
 def test_module_rejects_unknown_optimizer() -> None:
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         CharGPTModule(10, optimizer="sgd")
+
+
+def test_readme_demo_table_is_the_recorded_run(demo: ModuleType) -> None:
+    """README.md's table is generated from the committed summary of a ``--record`` run, so the
+    two cannot disagree (they once did: SOAP 1.799 / 39 s in the README, 1.790 / 43 s in it)."""
+    summary = _csv_rows(demo.RECORDED / "summary.csv")
+    assert [r["optimizer"] for r in summary] == list(DEFAULT_RUN)
+    assert demo.readme_table(summary) in (demo.ROOT / "README.md").read_text()
+    assert (demo.RECORDED / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_record_rewrites_only_the_marked_table_and_refuses_partial_runs(demo: ModuleType, tmp_path: Path) -> None:
+    rows = [{"optimizer": "soap", "lr": "0.01", "final_eval_loss": "1.7891", "wall_clock_s": "42.6"}]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{demo.README_TABLE[0]}\n| old |\n{demo.README_TABLE[1]}\nafter\n")
+    demo.rewrite_readme_table(readme, rows)
+    assert readme.read_text() == f"before\n{demo.readme_table(rows)}\nafter\n"
+    assert "| SOAP | 0.01 | 1.789 | 43 |" in demo.readme_table(rows)
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no demo-table markers"):
+        demo.rewrite_readme_table(readme, rows)
+    for partial in (["--quick"], ["--steps", "10"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--record", *partial])
