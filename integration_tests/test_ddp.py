@@ -208,3 +208,53 @@ def test_checkpoint_from_two_ranks_resumes_at_one_and_two(name, checkpoints):
     for rank, resumed in enumerate(case_results(out, f"{name}.resumed", 2, failure)):
         rel = (torch.linalg.norm(resumed - expected) / torch.linalg.norm(expected)).item()
         assert rel <= 1e-6, f"resumed at world size 2, rank {rank}: {rel:.2e}"
+
+
+_HOST_READS = """
+import os, sys, torch, torch.distributed as dist
+import lightning_precond as lp
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+opt = lp.SOAP(model.parameters(), lr=1e-2, weight_decay=0.1, distributed=dist.group.WORLD,
+              precondition_frequency=1000)
+x, y = torch.randn(32, 8), torch.randn(32, 4)
+def grads():
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+for _ in range(3):
+    grads()
+    opt.step()
+grads()
+reads = []
+real = {name: getattr(torch.Tensor, name) for name in ("tolist", "__bool__", "__float__", "__int__")}
+def spy(name):
+    def read(self, *args, **kwargs):
+        reads.append(name)
+        return real[name](self, *args, **kwargs)
+    return read
+for name in real:
+    setattr(torch.Tensor, name, spy(name))
+try:
+    opt.step()
+finally:
+    for name, fn in real.items():
+        setattr(torch.Tensor, name, fn)
+print("READS", ",".join(reads))
+dist.destroy_process_group()
+"""
+
+
+def test_a_ddp_step_reads_one_value_list_on_the_host(tmp_path):
+    """The screen's one ``tolist`` is the step's only device-to-host read under DDP: the
+    router applies every block with factors computed on the device (it used to read each
+    block's updated flag on the host). (torch's AdamW kernel for the vectors reads its CPU
+    step counters with ``item``, which moves nothing from a device.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _HOST_READS, str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("READS"))
+    assert line.split(" ", 1)[1] == "tolist"

@@ -7,7 +7,7 @@ reach every rank through ONE ``all_gather`` of packed buffers per step.
 
 Packed layout of a rank's buffer (every rank knows every layout, since the plan and the
 owner map are pure functions of the shapes): for each block the rank owns, in plan order,
-one flag (1: updated this step) followed by the ``rows * cols`` update.
+one flag (1: updated this step) followed by the ``rows * cols`` update (zeros when not updated).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
                 offset += 1 + block.rows * block.cols
         self._device = params[0].device if params else torch.device("cpu")
         self._flag_index = torch.tensor(flag_positions, dtype=torch.long, device=self._device)
+        self._block_group = torch.tensor([b.group_index for b, _ in self._layout], dtype=torch.long,
+                                         device=self._device)
         return owners
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
@@ -91,11 +93,21 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
         dist.all_gather_into_tensor(received, send, group=self.group)
         self.bytes_last_step = received.numel() * received.element_size()
         # Every rank, the owner included, applies the received values: replicas stay identical.
-        flags = received[self._flag_index].tolist()  # one host sync for all blocks
-        applied = [
-            BlockUpdate(block, received[start : start + block.rows * block.cols].view(block.shape))
-            for (block, start), flag in zip(self._layout, flags)
-            if flag
-        ]
-        apply_to_params(self._params, self._shapes, applied, decays)
+        # A block not updated this step (flag 0) arrives as zeros and takes the factor 1, so
+        # every block is applied and no flag is read on the host: no sync beyond the step's one.
+        updated = received[self._flag_index] > 0
+        group_decay = _on_device(decays, self._device)[self._block_group]
+        factors = torch.where(updated, group_decay, torch.ones_like(group_decay))
+        applied = [BlockUpdate(block, received[start : start + block.rows * block.cols].view(block.shape))
+                   for block, start in self._layout]
+        apply_to_params(self._params, self._shapes, applied, factors)
+
+
+def _on_device(values: Sequence[float], device: torch.device) -> Tensor:
+    """``values`` as a float64 tensor on ``device``; on CUDA a non-blocking copy from pinned
+    memory, which does not wait for the device."""
+    host = torch.tensor(list(values), dtype=torch.float64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 

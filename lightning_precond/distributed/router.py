@@ -253,23 +253,28 @@ def apply_to_params(
     params: Sequence[Tensor],
     shapes: Sequence[tuple[int, int] | None],
     updates: Sequence[BlockUpdate],
-    decays: Sequence[float],
+    decays: Sequence[float] | Tensor,
 ) -> None:
-    """Apply block updates to full local parameters (shared by the replicated routers)."""
-    by_param: dict[int, list[BlockUpdate]] = {}
-    for update in updates:
-        by_param.setdefault(update.block.param_index, []).append(update)
+    """Apply block updates to full local parameters (shared by the replicated routers).
+
+    ``decays``: per param group (Python floats), or a device tensor with one factor per
+    update (the DDP router's, computed on the device so that no flag is read on the host)."""
+    per_update = isinstance(decays, Tensor)
+    by_param: dict[int, list[tuple[int, BlockUpdate]]] = {}
+    for i, update in enumerate(updates):
+        by_param.setdefault(update.block.param_index, []).append((i, update))
     for index, param_updates in by_param.items():
         param = params[index]
         shape = shapes[index]
         assert shape is not None
         matrix = _matrix_view(param.data, shape)
-        for update in param_updates:
+        for i, update in param_updates:
             b = update.block
             view = matrix[b.row_start : b.row_start + b.rows, b.col_start : b.col_start + b.cols]
-            decay = decays[b.group_index]
-            if decay != 1.0:
-                view.mul_(decay)
+            if per_update:
+                view.mul_(decays[i])
+            elif decays[b.group_index] != 1.0:
+                view.mul_(decays[b.group_index])
             view.add_(update.delta.to(view.dtype))
         if not param.data.is_contiguous():
             param.data.copy_(matrix.view(param.shape))
