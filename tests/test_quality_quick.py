@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_convergence_quick import _require_fashion_mnist
 
@@ -137,3 +138,29 @@ def test_report_only_uses_runs_of_an_older_code_version_and_names_it(tmp_path, m
     rerun.get(c, key)  # a training call re-runs a run recorded with older code
     assert len(trained) == 2 and rerun.stale == {}
     assert json.loads(key.path(tmp_path).read_text())["code"] == "lightning_precond:new"
+
+
+def test_precision_parity_runs_the_float32_optimum_and_seeds_in_bfloat16(tmp_path, monkeypatch):
+    import precision_parity  # benchmarks/precision_parity.py
+
+    def fake_train(task, c, key):  # float32 optimum at 1e-2; bfloat16 ends 0.002 higher
+        loss = 1.0 + (math.log10(key.lr) + 2) ** 2 + key.seed / 1000 + (0.002 if "bfloat16" in c.name else 0.0)
+        return {"status": "ok", "evals": [{"step": key.steps, "time": 1.0, "eval_loss": loss}], "step_times": [0.1]}
+
+    monkeypatch.setattr(quality, "build_task", lambda *a, **k: object())
+    monkeypatch.setattr(quality, "train_one", fake_train)
+    soap = next(c for c in quality.suite_contenders(with_peers=False)[0] if c.name == "SOAP")
+    steps = quality.DEFAULT_STEPS["mlp"]
+    # Without the float32 sweep in the cache there is nothing to compare (and nothing is trained).
+    assert precision_parity.main(["--out", str(tmp_path), "--tasks", "mlp", "--algorithms", "SOAP"]) == []
+    quality.sweep(quality.Cache(tmp_path, math.inf), "mlp", soap, steps=steps, seeds=3, rungs=5,
+                  max_extensions=4, quick=False)
+    (row,) = precision_parity.main(["--out", str(tmp_path), "--tasks", "mlp", "--algorithms", "SOAP"])
+    assert row["lr"] == 1e-2 and row["diff"] == pytest.approx(0.002)
+    assert row["within_1pct"] and not row["within_spread"]  # the seeds spread by 0.001
+    assert "| mlp | SOAP | 0.01 |" in (tmp_path / "precision_parity.md").read_text()
+    low = precision_parity.low_precision(soap)
+    opt = low.build([torch.nn.Parameter(torch.zeros(4, 4))], 1e-3, 64)
+    assert opt.param_groups[0]["matmul_dtype"] == "bfloat16"
+    with pytest.raises(SystemExit, match="not factored"):
+        precision_parity.main(["--out", str(tmp_path), "--algorithms", "Muon"])
