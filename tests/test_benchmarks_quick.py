@@ -73,3 +73,19 @@ def test_json_has_every_optimizer(quick_run):
         if run["optimizer"] != "AdamW":
             assert run["factors"] > 0 and run["refreshes"] >= 0
     assert report["threads"]["used"] >= 1
+
+
+def test_refresh_only_writes_the_refresh_report_alone(tmp_path):
+    bench = _load_benchmark()
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(["--quick", "--refresh-only", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["timing"] == {} and "thread_probe" not in report and report["threads"]["used"] == 1
+    assert not (tmp_path / "step_time.md").exists()
+    markdown = (tmp_path / "refresh.md").read_text()
+    assert "## Step time" not in markdown and "opt.step x periodic" in markdown
+    periodic_rows = [line for line in markdown.splitlines() if "| periodic |" in line]
+    assert periodic_rows and all(line.rstrip().endswith("| 1.00 |") for line in periodic_rows)
