@@ -166,6 +166,10 @@ def ours(name: str, shapes: Sequence[Shape], device: torch.device, refresh_every
     kwargs: dict[str, Any] = {"lr": 1e-4, "max_preconditioner_dim": 1024, "weight_decay": 0.0}
     if entry.has_basis:
         kwargs["precondition_frequency"] = refresh_every
+    if "start_preconditioning_step" in inspect.signature(entry.optimizer).parameters:
+        # Precondition from the first step (pytorch-optimizer's ScalableShampoo below too):
+        # the timed steps must be preconditioned ones, whatever --warmup is.
+        kwargs["start_preconditioning_step"] = 1
     if matmul_dtype is not None:
         kwargs["matmul_dtype"] = matmul_dtype
     opt = entry.optimizer(_params(shapes, device), **kwargs)
