@@ -92,12 +92,7 @@ class KroneckerFactors:
     def to_basis(self, x: Tensor, dtype: MatmulPrecision = None) -> Tensor:
         """``Q_L^T X Q_R`` (an identity side leaves that product out), computed in ``dtype``
         (None: the state dtype; see :mod:`.precision`)."""
-        left, right = self.basis_left, self.basis_right
-        if left is not None and right is not None:
-            return product(left.mT, x, right, dtype=dtype)
-        if left is not None:
-            return product(left.mT, x, dtype=dtype)
-        return product(x, right, dtype=dtype) if right is not None else x
+        return GradientProjections(self, x, dtype).both()
 
     def from_basis(self, x: Tensor, dtype: MatmulPrecision = None) -> Tensor:
         """``Q_L X Q_R^T`` (an identity side leaves that product out), computed in ``dtype``."""
