@@ -6,7 +6,16 @@ Cases: every optimizer of the original five x float32 / float64 x periodic / ada
 refresh, on a model whose matrices are blocked (``max_preconditioner_dim=8``; an order-4
 conv weight included) in two param groups with different hyperparameters, 30 steps.
 
-Re-record (only with a reason stated in the commit message)::
+Bits depend on the machine as well as the code: MKL and ATen pick kernels by CPU vendor and
+vector width, and the SOAP family's bases at a refresh are ill-determined where eigenvalues
+nearly coincide, so the same code gives trajectories 0.2-5% apart on an AVX2 AMD and an
+AVX-512 Intel machine (float64 included; Shampoo's roots, basis-free, agree to 1e-15). So
+there is one recording per machine kind (:func:`machine_kind`), compared bitwise; on a kind
+with no recording the parameters are compared with the closest tolerance that the two
+recorded kinds' difference allows (:data:`OTHER_MACHINE_RTOL`), and a warning says so.
+
+Re-record this machine kind's file (only with a reason stated in the commit message, and
+from a commit whose trajectories are bitwise those of the other recordings' machines)::
 
     LP_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py
 """
@@ -14,6 +23,8 @@ Re-record (only with a reason stated in the commit message)::
 from __future__ import annotations
 
 import os
+import platform
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,8 +32,28 @@ import torch
 
 import lightning_precond as lp
 
-GOLDEN = Path(__file__).parent / "golden" / "trajectories.pt"
 RECORD = os.environ.get("LP_RECORD_GOLDEN") == "1"
+# Cross-kind parameter difference measured between the two recordings: at most 4.7e-2
+# relative (KL-SOAP float64 adaptive); a formula change moves parameters by O(1).
+OTHER_MACHINE_RTOL = 1e-1
+
+
+def machine_kind() -> str:
+    """What the bits depend on besides the code: architecture, ATen's CPU capability, and the
+    CPU vendor (MKL's kernel choice)."""
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-{vendor}"
+
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN = GOLDEN_DIR / f"trajectories-{machine_kind()}.pt"
 STEPS = 30
 
 OPTIMIZERS = {
@@ -97,7 +128,12 @@ def golden() -> dict[str, dict[str, torch.Tensor]]:
         if RECORD:
             GOLDEN.parent.mkdir(exist_ok=True)
             torch.save({"|".join(case): trajectory(*case) for case in CASES}, GOLDEN)
-        return torch.load(GOLDEN, weights_only=True)
+        if GOLDEN.exists():
+            return torch.load(GOLDEN, weights_only=True)
+        recorded = sorted(GOLDEN_DIR.glob("trajectories-*.pt"))
+        warnings.warn(f"no golden trajectories for machine kind {machine_kind()!r}: parameters are compared with "
+                      f"rtol {OTHER_MACHINE_RTOL} to {recorded[0].name}, not bitwise", stacklevel=1)
+        return torch.load(recorded[0], weights_only=True)
     finally:
         torch.set_num_threads(threads)
 
@@ -117,6 +153,12 @@ def test_trajectory_is_bitwise_the_recorded_one(golden, case):
         torch.set_num_threads(threads)
     expected = golden["|".join(case)]
     assert sorted(ours) == sorted(expected), "state-dict layout changed"
+    if not GOLDEN.exists():  # another machine kind's recording (module docstring)
+        for key, value in expected.items():
+            if key.startswith("param."):
+                difference = torch.linalg.vector_norm(ours[key].double() - value.double())
+                assert difference <= OTHER_MACHINE_RTOL * torch.linalg.vector_norm(value.double()), key
+        return
     for key, value in expected.items():
         kind = "vector" if _is_vector(key) else "matrix"
         assert ours[key].dtype == value.dtype, f"{kind} {key}: dtype"
