@@ -76,7 +76,7 @@ class SOAP(PreconditionedOptimizer):
     def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.9, 0.95),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
-                 matmul_dtype: Literal["bfloat16", "float32", "tf32"] | torch.dtype | None = None,
+                 matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                   weight_decay=weight_decay, precondition_frequency=precondition_frequency,
@@ -114,7 +114,7 @@ class KLSOAP(PreconditionedOptimizer):
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
                  debias: bool | None = None, init_factor: float | Literal["gradient"] | None = None,
                  max_clamp_value: float | None = 4000.0,
-                 matmul_dtype: Literal["bfloat16", "float32", "tf32"] | torch.dtype | None = None,
+                 matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                           precondition_frequency=precondition_frequency, reference=reference,
@@ -166,7 +166,7 @@ class KLShampoo(PreconditionedOptimizer):
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
                  debias: bool | None = None, init_factor: float | Literal["gradient"] | None = None,
                  max_clamp_value: float | None = 4000.0,
-                 matmul_dtype: Literal["bfloat16", "float32", "tf32"] | torch.dtype | None = None,
+                 matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = KLConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                           precondition_frequency=precondition_frequency, reference=reference,
@@ -202,7 +202,7 @@ class EigenvalueCorrectedShampoo(PreconditionedOptimizer):
     def __init__(self, params: Params, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  shampoo_beta: float | None = None, eps: float = 1e-12, weight_decay: float = 0.0,
                  precondition_frequency: int = 10, reference: bool = False, shifted_refresh: bool | None = None,
-                 matmul_dtype: Literal["bfloat16", "float32", "tf32"] | torch.dtype | None = None,
+                 matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = EigenbasisConfig(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                   weight_decay=weight_decay, precondition_frequency=precondition_frequency,
@@ -244,7 +244,7 @@ class Shampoo(PreconditionedOptimizer):
                  start_preconditioning_step: int | None = None,
                  grafting: Literal["adam", "adagrad", "rmsprop", "sgd"] | None = "adam",
                  grafting_beta2: float | None = None, grafting_eps: float = 1e-8, reference: bool = False,
-                 matmul_dtype: Literal["bfloat16", "float32", "tf32"] | torch.dtype | None = None,
+                 matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         config = ShampooConfig(
             matmul_dtype=matmul_dtype,
@@ -298,9 +298,10 @@ class Muon(PreconditionedOptimizer):
 MATMUL_DTYPE_HELP = """
 
     ``matmul_dtype`` (per group; None: the state dtype): the per-step statistics products and
-    the projections into and out of the eigenbasis run in ``"bfloat16"`` (results cast back to
-    the state dtype before any EMA; eigendecompositions, QR and staleness stay in the state
-    dtype), see :mod:`lightning_precond.algorithms.precision`."""
+    the projections into and out of the eigenbasis run in ``"bfloat16"`` or ``"float16"``
+    (operands scaled by powers of two to fit its range), results cast back to the state dtype
+    before any EMA; eigendecompositions, QR and staleness stay in the state dtype; ``"tf32"``:
+    float32 operands CUDA may take as TF32. See :mod:`lightning_precond.algorithms.precision`."""
 
 for _preset in (SOAP, KLSOAP, KLShampoo, EigenvalueCorrectedShampoo, Shampoo):
     _preset.__doc__ = (_preset.__doc__ or "") + MATMUL_DTYPE_HELP + options_help()
@@ -334,7 +335,7 @@ class ASGO(PreconditionedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, precondition_frequency: int = 10,
                  start_preconditioning_step: int = 1,
                  side: Literal["smaller", "left", "right"] = "smaller",
-                 matmul_dtype: Literal["bfloat16", "float32", "tf32"] | torch.dtype | None = None,
+                 matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         if side not in ONE_SIDE_CHOICES:
             raise ValueError(f"side must be one of {ONE_SIDE_CHOICES}, got {side!r}")

@@ -1,4 +1,5 @@
-"""matmul_dtype: the per-step products of the factored algorithms in bfloat16, state in float32."""
+"""matmul_dtype: the per-step products of the factored algorithms in bfloat16 or scaled float16,
+state in float32."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import lightning_precond as lp
 from lightning_precond.algorithms import precision
-from lightning_precond.algorithms.precision import TF32, check_matmul_dtype, product
+from lightning_precond.algorithms.precision import TF32, check_matmul_dtype, power_of_two_scale, product
 from lightning_precond.registry import ALGORITHMS
 from tests.test_algorithms import least_squares, run
 
@@ -20,8 +21,9 @@ def test_accepted_values_and_refusals():
     assert check_matmul_dtype(None) is None
     assert check_matmul_dtype("bfloat16") is torch.bfloat16 and check_matmul_dtype(torch.bfloat16) is torch.bfloat16
     assert check_matmul_dtype("float32") is torch.float32
-    with pytest.raises(ValueError, match="matmul_dtype must be None.*overflow at 65504"):
-        check_matmul_dtype("float16")
+    assert check_matmul_dtype("float16") is torch.float16 and check_matmul_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="matmul_dtype must be None.*'float16'"):
+        check_matmul_dtype("fp16")
     with pytest.raises(ValueError, match="matmul_dtype must be None"):
         check_matmul_dtype(torch.int8)
     p = torch.nn.Parameter(torch.zeros(3, 3))
@@ -43,6 +45,46 @@ def test_product_rounds_operands_and_result_through_bfloat16():
     expected = ((a.bfloat16() @ b.bfloat16()) @ c.bfloat16()).float()
     assert torch.equal(product(a, b, c, dtype=torch.bfloat16), expected)
     assert torch.equal(product(a, b, c), a @ b @ c)  # None: the state dtype, the same kernels
+
+
+def test_power_of_two_scale_bounds_each_matrix_of_a_stack():
+    x = torch.stack([torch.full((4, 4), 1e3), torch.full((4, 4), 1e-6), torch.zeros(4, 4),
+                     torch.full((4, 4), float("inf"))])
+    scale = power_of_two_scale(x)
+    assert scale.shape == (4, 1, 1) and scale.dtype == torch.float32
+    norms = torch.linalg.vector_norm(x[:2] * scale[:2], dim=(-2, -1))
+    assert torch.all(norms <= 128) and torch.all(norms > 64)  # the largest power of two under the bound
+    assert torch.equal(torch.log2(scale[:2]).round(), torch.log2(scale[:2]))
+    assert scale[2].item() == 1.0 and scale[3].item() == 1.0  # zero and non-finite: left alone
+
+
+def test_float16_products_scale_past_its_range_and_keep_its_precision():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 64, 48, generator=gen) * torch.tensor([1e3, 1.0, 1e-5]).view(3, 1, 1)
+    q = torch.linalg.qr(torch.randn(3, 48, 48, generator=gen)).Q
+    for operands in ((g, g.mT), (g.mT, g), (g, q, q.mT)):
+        exact = operands[0].double()
+        for operand in operands[1:]:
+            exact = exact @ operand.double()
+        half = product(*operands, dtype=torch.float16)
+        assert half.dtype == torch.float32 and torch.isfinite(half).all()
+        # per matrix: (1e3)^2 * 64 overflows an unscaled float16 G G^T; 1e-5 squared underflows it
+        error = torch.linalg.vector_norm(half.double() - exact, dim=(-2, -1)) / torch.linalg.vector_norm(exact, dim=(-2, -1))
+        assert error.max() < 2e-3, error
+    unscaled = (g[0].half() @ g[0].mT.half()).float()
+    assert not torch.isfinite(unscaled).all()  # what the scaling is for
+    bfloat = product(g, g.mT, dtype=torch.bfloat16).double()
+    exact = g.double() @ g.double().mT
+    assert (product(g, g.mT, dtype=torch.float16).double() - exact).norm() < (bfloat - exact).norm() / 3
+
+
+def test_float16_products_keep_zeros_and_non_finite_values():
+    z = torch.zeros(2, 5, 5)
+    assert torch.equal(product(z, z.mT, dtype=torch.float16), z)
+    bad = torch.randn(2, 5, 5)
+    bad[1, 0, 0] = float("nan")
+    out = product(bad, bad.mT, dtype=torch.float16)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).any()
 
 
 def test_tf32_is_scoped_to_each_product_and_restores_the_callers_setting(monkeypatch):
@@ -118,8 +160,9 @@ def test_param_groups_choose_their_own():
     assert (next(iter(state[1].values()))["factor_left"] - 0.05 * (gb.bfloat16() @ gb.bfloat16().mT).float()).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", FACTORED)
-def test_bfloat16_reaches_the_float32_loss(name):
+def test_low_precision_reaches_the_float32_loss(name, dtype):
     """Rounding the products to bfloat16 (8-bit mantissa) moves the trajectory (Adam in the
     eigenbasis normalizes near-zero projected components, whose signs are rounding noise:
     up to 20% of the parameter movement for eigenvalue-corrected Shampoo), but after 30 steps
@@ -141,11 +184,11 @@ def test_bfloat16_reaches_the_float32_loss(name):
         return lambda params: ALGORITHMS[name].build(params, matmul_dtype=dtype)
 
     full = run(build(None), w0, grads, 30)
-    low = run(build("bfloat16"), w0, grads, 30)
+    low = run(build(dtype), w0, grads, 30)
     progress = loss(w0) - loss(full[-1])
     assert progress > 0.1
     assert abs(loss(low[-1]) - loss(full[-1])) < 0.01 * progress
-    assert not torch.equal(low[-1], full[-1])  # the bfloat16 path was taken
+    assert not torch.equal(low[-1], full[-1])  # the low-precision path was taken
 
 
 def test_checkpoint_round_trip_keeps_the_dtype_and_continues_bitwise():
@@ -166,3 +209,23 @@ def test_checkpoint_round_trip_keeps_the_dtype_and_continues_bitwise():
         opt.step()
         resumed.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_eigenvalue_corrected_low_precision_steps_stay_the_size_of_float32_ones(dtype):
+    """Just after a refresh the projected gradient is almost zero in most directions, and the
+    momentum and second moment there are independent rounding noise of two products: without
+    the rounding floor the second step moved a parameter 12x (bfloat16) / 53x (float16) as far
+    as in float32 (up to 45 x lr)."""
+    w0, grad_fn = least_squares()
+    w0 = w0.float()
+
+    def grads(w):
+        return grad_fn(w.double()).float()
+
+    def largest_move(matmul_dtype):
+        trajectory = run(lambda ps: lp.EigenvalueCorrectedShampoo(ps, lr=3e-3, precondition_frequency=5,
+                                                                   matmul_dtype=matmul_dtype), w0, grads, 6)
+        return max((b - a).abs().max().item() for a, b in zip([w0] + trajectory, trajectory))
+
+    assert largest_move(dtype) < 2 * largest_move(None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .eigenbasis import BasisResult
@@ -164,27 +165,47 @@ class AdamInBasisScaling(_SecondMomentInBasis):
             moments.exp_avg = moments.exp_avg @ change
 
 
+def rounding_floor(momentum: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(u * rms(M))^2`` per block, ``u`` the unit roundoff of ``dtype``: the square of the
+    rounding noise an entry of a product of ``M`` takes in that dtype, below which a second
+    moment carries no signal."""
+    rms_sq = momentum.square().mean(dim=(-2, -1), keepdim=True)
+    return torch.finfo(dtype).eps ** 2 * rms_sq
+
+
 class EigenvalueCorrectedScaling(_SecondMomentInBasis):
     """Eigenvalue-corrected Shampoo: ``U = Q_L [ (Q_L^T M_hat Q_R) / sqrt(D_hat + eps) ] Q_R^T``.
 
     ``M = EMA(M, G; b1)`` lives in parameter space, so it needs nothing on a basis change;
     ``D = EMA((Q_L^T G Q_R)^2; b2)`` lives in the basis and follows any permutation.
     Both are bias-corrected like Adam's.
+
+    ``Q^T M Q`` and ``Q^T G Q`` are separate products, so with a low-precision ``matmul_dtype``
+    their rounding noise is independent: in a direction where the projected gradient is
+    almost zero (just after a refresh, every direction the basis makes orthogonal to ``G``),
+    ``D_hat`` holds the square of one noise and the momentum another, and their ratio was up
+    to 12x (bfloat16) and 72x (float16) the float32 step on a least-squares problem.
+    There ``D_hat`` is floored at :func:`rounding_floor`, which bounds such a ratio near 1;
+    float32 products (noise below ``sqrt(eps)``) are left exactly as they were.
     """
 
     def direction(self, factors: KroneckerFactors, moments: Moments, grad: Tensor, step: int,
                   config: Any, projections: GradientProjections | None = None) -> tuple[Tensor, float]:
         assert moments.exp_avg_sq is not None
         beta1, beta2 = config.betas
+        dtype = matmul_dtype_of(config)
         exp_avg = ema_(moments.exp_avg, grad, beta1)
-        projected = factors.to_basis(grad, matmul_dtype_of(config))
+        projected = factors.to_basis(grad, dtype)
         correction = ema_(moments.exp_avg_sq, projected * projected, beta2)
-        momentum = factors.to_basis(exp_avg, matmul_dtype_of(config)) / (1.0 - beta1**step)
+        momentum = factors.to_basis(exp_avg, dtype) / (1.0 - beta1**step)
+        corrected = correction / (1.0 - beta2**step)
+        if isinstance(dtype, torch.dtype) and torch.finfo(dtype).eps > torch.finfo(momentum.dtype).eps:
+            corrected = corrected.maximum(rounding_floor(momentum, dtype))
         if config.reference:  # distributed_shampoo: epsilon added after the root
-            scaled = momentum / ((correction / (1.0 - beta2**step)).sqrt() + config.eps)
+            scaled = momentum / (corrected.sqrt() + config.eps)
         else:
-            scaled = momentum / (correction / (1.0 - beta2**step) + config.eps).sqrt()
-        return factors.from_basis(scaled, matmul_dtype_of(config)), config.lr
+            scaled = momentum / (corrected + config.eps).sqrt()
+        return factors.from_basis(scaled, dtype), config.lr
 
 
 class KLEigenvalueScaling(Scaling):
