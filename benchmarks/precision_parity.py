@@ -1,4 +1,4 @@
-"""Convergence parity of ``matmul_dtype="bfloat16"``: final loss against float32, same protocol.
+"""Convergence parity of ``matmul_dtype="bfloat16"`` / ``"float16"``: final loss against float32, same protocol.
 
 Usage
 -----
@@ -6,16 +6,18 @@ Usage
 
     .venv/bin/python benchmarks/precision_parity.py                          # SOAP, KL-Shampoo on the char-GPT
     .venv/bin/python benchmarks/precision_parity.py --algorithms SOAP --tasks chargpt,mlp
+    .venv/bin/python benchmarks/precision_parity.py --dtype float16          # the scaled float16 products
 
 For each (task, algorithm) the float32 contender's best learning rate and its seeds are read
 from the quality suite's cache (``benchmarks/quality.py``; run it first for that task and
-algorithm). The same optimizer with ``matmul_dtype="bfloat16"`` then trains at that lr with the
+algorithm). The same optimizer with ``matmul_dtype=<--dtype>`` then trains at that lr with the
 same seeds (same initial weights, same batches), through the suite's own run cache, so an
 interrupted run continues. Reported per pair: mean ± spread (half the range) over seeds in
 each mode, the difference, and the issue-17 criteria: within the float32 seed spread, and
 within 1% of the float32 mean.
 
-Writes ``<out>/precision_parity.md`` (``<out>``: the quality suite's directory).
+Writes ``<out>/precision_parity.md`` (bfloat16) or ``<out>/precision_parity_float16.md``
+(``<out>``: the quality suite's directory).
 """
 
 from __future__ import annotations
@@ -37,23 +39,28 @@ from convergence import Contender, _ours  # noqa: E402
 
 from lightning_precond.registry import ALGORITHMS  # noqa: E402
 
-LOW = "bfloat16"
+LOW_DTYPES = ("bfloat16", "float16")
 
 
-def low_precision(c: Contender) -> Contender:
-    """``c`` (one of ours) with its products in bfloat16."""
-    return Contender(f"{c.name} ({LOW})", c.algorithm, "ours", _ours(ALGORITHMS[c.name], matmul_dtype=LOW),
+def low_precision(c: Contender, dtype: str = "bfloat16") -> Contender:
+    """``c`` (one of ours) with its products in ``dtype``."""
+    return Contender(f"{c.name} ({dtype})", c.algorithm, "ours", _ours(ALGORITHMS[c.name], matmul_dtype=dtype),
                      tasks=c.tasks)
 
 
-def compare(cache: quality.Cache, task: str, c: Contender, steps: int, seeds: int) -> dict | None:
-    """The float32 sweep from the cache (never trained here), then the bfloat16 seeds."""
+def report_name(dtype: str) -> str:
+    return "precision_parity.md" if dtype == "bfloat16" else f"precision_parity_{dtype}.md"
+
+
+def compare(cache: quality.Cache, task: str, c: Contender, steps: int, seeds: int,
+            dtype: str = "bfloat16") -> dict | None:
+    """The float32 sweep from the cache (never trained here), then the ``dtype`` seeds."""
     base = quality.sweep(cache, task, c, steps=steps, seeds=seeds, rungs=5, max_extensions=4, quick=False,
                          run=False)
     if not base.complete:
         print(f"[parity] {task} {c.name}: float32 sweep not in the cache; run benchmarks/quality.py first")
         return None
-    low = low_precision(c)
+    low = low_precision(c, dtype)
     records = [cache.get(low, quality.RunKey(task, low.name, base.best_lr, s, steps, False)) for s in range(seeds)]
     if any(r is None for r in records):
         return None
@@ -70,15 +77,16 @@ def compare(cache: quality.Cache, task: str, c: Contender, steps: int, seeds: in
             "f32_ms": statistics.fmean(statistics.median(r["step_times"]) * 1e3 for r in base.seeds.values())}
 
 
-def render(rows: Sequence[dict], command: str, stale: dict) -> str:
-    lines = ["# Convergence parity: matmul_dtype=\"bfloat16\" vs float32", "",
+def render(rows: Sequence[dict], command: str, stale: dict, dtype: str = "bfloat16") -> str:
+    short = {"bfloat16": "bf16", "float16": "f16"}[dtype]
+    lines = [f"# Convergence parity: matmul_dtype=\"{dtype}\" vs float32", "",
              f"Command: `{command}`. Each row: the float32 contender's best lr from the quality suite, "
              "the same seeds in both modes (mean ± half-range of the final eval loss).", ""]
     if stale:
         lines += ["Float32 runs recorded with an earlier code version: "
                   + "; ".join(f"{k} ({', '.join(sorted(v))})" for k, v in sorted(stale.items())) + ".", ""]
-    lines += ["| task | algorithm | lr | float32 | bfloat16 | bf16 - f32 | within f32 spread | within 1% | "
-              "ms/step f32 / bf16 (this CPU) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| task | algorithm | lr | float32 | {dtype} | {short} - f32 | within f32 spread | within 1% | "
+              f"ms/step f32 / {short} (this CPU) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['algorithm']} | {r['lr']:g} | {r['f32']:.4f} ± {r['f32_spread']:.4f} | "
@@ -93,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--tasks", default="chargpt")
     ap.add_argument("--algorithms", default="SOAP,KLShampoo")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--dtype", choices=LOW_DTYPES, default="bfloat16", help="the matmul_dtype compared with float32")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cons = {c.name: c for c in quality.suite_contenders(with_peers=False)[0]}
@@ -103,10 +112,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     steps = quality.parse_steps(None, tasks, False)
     cache = quality.Cache(args.out, float("inf"))
-    rows = [row for t in tasks for a in wanted if (row := compare(cache, t, cons[a], steps[t], args.seeds))]
+    rows = [row for t in tasks for a in wanted
+            if (row := compare(cache, t, cons[a], steps[t], args.seeds, args.dtype))]
     command = "python benchmarks/precision_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = render(rows, command.strip(), cache.stale)
-    (args.out / "precision_parity.md").write_text(report)
+    report = render(rows, command.strip(), cache.stale, args.dtype)
+    (args.out / report_name(args.dtype)).write_text(report)
     print(report)
     return rows
 

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         items = [ours(name, shapes, device, args.refresh_every),
                  Timed(f"{name} essentials float32", name, _essentials(name, shapes, torch.float32, device)),
                  Timed(f"{name} essentials {args.low_precision}", name, _essentials(name, shapes, low, device))]
-        low_step = has_matmul_dtype(name) and args.low_precision == "bfloat16"
+        low_step = has_matmul_dtype(name)
         if low_step:  # the optimizer's own low-precision mode (matmul_dtype)
             items.append(ours(name, shapes, device, args.refresh_every, matmul_dtype=args.low_precision))
         times = interleave(items, args.rounds, args.steps, args.warmup, device)

@@ -162,5 +162,12 @@ def test_precision_parity_runs_the_float32_optimum_and_seeds_in_bfloat16(tmp_pat
     low = precision_parity.low_precision(soap)
     opt = low.build([torch.nn.Parameter(torch.zeros(4, 4))], 1e-3, 64)
     assert opt.param_groups[0]["matmul_dtype"] == "bfloat16"
+    (half,) = precision_parity.main(["--out", str(tmp_path), "--tasks", "mlp", "--algorithms", "SOAP",
+                                     "--dtype", "float16"])
+    assert half["diff"] == pytest.approx(0.0)  # its own runs: the fake adds nothing to float16
+    assert "| f16 - f32 |" in (tmp_path / "precision_parity_float16.md").read_text()
+    assert "| bf16 - f32 |" in (tmp_path / "precision_parity.md").read_text()  # left as it was
+    assert precision_parity.low_precision(soap, "float16").build(
+        [torch.nn.Parameter(torch.zeros(4, 4))], 1e-3, 64).param_groups[0]["matmul_dtype"] == "float16"
     with pytest.raises(SystemExit, match="not factored"):
         precision_parity.main(["--out", str(tmp_path), "--algorithms", "Muon"])
