@@ -283,7 +283,10 @@ def test_eigh_of_factors_with_exactly_zero_rows_converges_in_float32(monkeypatch
     scale = factor.abs().amax()
     torch.testing.assert_close(q @ torch.diag_embed(lam) @ q.mT, factor, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(q.mT @ q, torch.eye(256).expand(4, 256, 256), rtol=0, atol=1e-5)
-    assert (lam[:, :-1] >= lam[:, 1:] - 1e-6 * scale).all()  # descending
+    # descending, up to float32 LAPACK's eigenvalue accuracy (~ d eps ||A|| = 1.5e-5 ||A|| at d = 256):
+    # the 246 null directions come back as +-1e-12 noise in either order (2e-7 ||A|| apart on
+    # an AVX-512 machine, where a 1e-6 tolerance was 4% too tight)
+    assert (lam[:, :-1] >= lam[:, 1:] - 1e-5 * scale).all()
     assert lam[:, 10:].abs().max() <= 1e-5 * scale  # the zero rows' directions: eigenvalue 0, last
 
 
