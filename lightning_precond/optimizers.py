@@ -321,20 +321,38 @@ class ASGO(PreconditionedOptimizer):
     it is never cut into blocks: a tall ``50000 x 1024`` embedding is one block with one
     ``1024 x 1024`` factor (equations: ``docs/algorithms.md``).
 
+    ``eigenvalues`` sets what scales the last root's basis between refreshes: ``"current"``
+    (default) ``diag(Q^T V_t Q)``, this step's ``V`` (one ``d^3`` product per block and step),
+    or ``"refresh"`` the eigenvalues of the last root, ``f - 1`` steps stale (the behaviour
+    before). At a refresh, and at every step with ``precondition_frequency=1``, both are the
+    paper's ``(V_hat_t^{1/2} + eps I)^{-1} M_hat``. A stale root does not dominate the new
+    gradient (``V_t >= G_t G_t^T``, the paper's bound): where it is rank-deficient (the first
+    root, ``G_1 G_1^T`` of rank <= the batch) or small, ``"refresh"`` multiplies the new
+    gradient's component by up to ``1 / sqrt(d eps(float32))``. Measured
+    (``docs/measurements/asgo_stale_roots.md``: the quality suite's tasks and schedule,
+    ``precondition_frequency=10``, blocks of 256 on the autoencoder, seeds 0 / 1, each mode at
+    its best lr of a ~3x ladder): MLP 0.701 -> 0.438 (best lr 1e-2 -> 1e-1), deep autoencoder
+    0.662 -> 0.351 (1e-3 -> 3e-2; AdamW 0.371 at 3e-3), char-GPT 2.464 -> 2.418 (1e-2 -> 3e-2).
+    With ``"refresh"`` steps 2-10 of the MLP had 18-2100x the spectral norm of step 1, and
+    lrs above 1e-2 diverged.
+
     ``lr=3e-3`` was the best of 3e-4 .. 1e-2 on the benchmarks' char-GPT
-    (``benchmarks/asgo_vs_shampoo.py``).
+    (``benchmarks/asgo_vs_shampoo.py``) with ``"refresh"``; with ``"current"`` the optimum
+    was 3e-2 (char-GPT, autoencoder) to 1e-1 (MLP), 10-30x AdamW's, as the step's spectral
+    norm is ~1 per unit lr (RMS ~0.01-0.03, Muon's ~0.15): sweep upwards from the default.
 
     There is no ``reference`` mode (no public implementation to reproduce; ``reference=True``
-    is refused): the default is the paper's update, with one guard, eigenvalues floored at
+    is refused): the update is the paper's, with one guard, eigenvalues floored at
     ``d eps lambda_max`` so that float32 roots of an ill-conditioned ``V`` cannot blow a step up.
 
-    Example: ``ASGO(model.parameters(), lr=3e-3)``
+    Example: ``ASGO(model.parameters(), lr=3e-2)``
     """
 
     def __init__(self, params: Params, lr: float = 3e-3, *, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, precondition_frequency: int = 10,
                  start_preconditioning_step: int = 1,
                  side: Literal["smaller", "left", "right"] = "smaller",
+                 eigenvalues: Literal["current", "refresh"] = "current",
                  matmul_dtype: Literal["bfloat16", "float16", "float32", "tf32"] | torch.dtype | None = None,
                  **options: Unpack[EngineOptionsDict]) -> None:
         if side not in ONE_SIDE_CHOICES:
@@ -343,7 +361,8 @@ class ASGO(PreconditionedOptimizer):
                             precondition_frequency=precondition_frequency,
                             start_preconditioning_step=start_preconditioning_step,
                             matmul_dtype=matmul_dtype)
-        super().__init__(params, config, OneSided(side), **options)
+        # Checked by OneSided (ValueError naming EIGENVALUE_MODES).
+        super().__init__(params, config, OneSided(side, eigenvalues), **options)
 
 
 ASGO.__doc__ = (ASGO.__doc__ or "") + MATMUL_DTYPE_HELP + options_help()

@@ -8,14 +8,34 @@ other algorithm uses. With the kept side the left one (rows, ``m``)::
 
     M = EMA(M, G; b1),                M_hat = M / (1 - b1^t)
     V = EMA(V, G G^T; b2)             (b2 = 1: the accumulated sum of the theory)
-    V_hat = V / (1 - b2^s)            (s: the step of the last root; b2 = 1: V_hat = V)
-    U = (V_hat^{1/2} + eps I)^{-1} M_hat = Q diag(1 / (sqrt(lambda / c) + eps)) Q^T M_hat
+    (lambda_s, Q) = eigh(V_s)         (s: the step of the last root, every f steps)
+    U = Q diag(1 / (sqrt(d / c) + eps)) Q^T M_hat
 
-(``lambda`` floored at the eigensolver's accuracy ``d * eps(dtype) * lambda_max``, see
-``_accuracy_floor``)
+with, per ``eigenvalues``:
 
-and ``M_hat V_hat^{-1/2}`` with ``V = EMA(G^T G)`` on the right. No grafting: for a rank-one
-gradient ``U = u v^T`` (spectral norm 1, as Muon's), whatever the gradient's scale.
+* ``"current"`` (default): ``d = diag(Q^T V_t Q)``, this step's ``V`` in the last root's
+  basis, ``c = 1 - b2^t``. At a refresh ``d = lambda_t``: the paper's ``(V_hat_t^{1/2} + eps
+  I)^{-1} M_hat``; between refreshes the basis is stale but the scale is this step's.
+* ``"refresh"``: ``d = lambda_s``, ``c = 1 - b2^s``: ``(V_hat_s^{1/2} + eps I)^{-1} M_hat``,
+  the whole root ``f - 1`` steps stale (the behaviour before this option).
+
+With ``precondition_frequency=1`` both are the paper's update ``(V_hat_t^{1/2} + eps I)^{-1}
+M_hat`` (``d`` floored at the eigensolver's accuracy ``d * eps(dtype) * lambda_max``, see
+``_accuracy_floor``), and ``M_hat V_hat^{-1/2}`` with ``V = EMA(G^T G)`` on the right. No
+grafting: for a rank-one gradient ``U = u v^T`` (spectral norm 1, as Muon's), whatever the
+gradient's scale.
+
+Why ``"current"``: the paper's bound ``||V_t^{-1/2} G_t||_op <= 1`` needs ``V_t >= G_t G_t^T``,
+i.e. ``V`` of *this* step. A stale root has no such bound: where ``V_s`` is rank-deficient
+(the first root is ``G_1 G_1^T``, of rank <= the batch, 128, below a 256-1000-wide side) or
+merely small (dead units reviving), the new gradient's component is multiplied by up to
+``1 / sqrt(d eps(float32))`` (~180 for ``d = 256``). Measured on the quality suite's MLP fed
+the same gradients (``docs/measurements/asgo_stale_roots.md``): steps 2-10 had spectral norms
+18-2100x step 1's per unit lr, which forced the lr down to 1e-2 (3e-2 diverged), where every
+other step was ~10x smaller than Muon's. ``diag(Q^T V_t Q)`` bounds each row of the scaled
+gradient by ``sqrt(c / (1 - b2))`` (1 when ``b2 = 1``), as Adam's ``m / sqrt(v)``; its cost is
+one ``d^3`` product per block and step (``<= d^2 n``, the statistics' own cost, on the smaller
+side).
 """
 
 from __future__ import annotations
@@ -33,7 +53,11 @@ from .scaling import Scaling
 from .statistics import GradientProjections, KroneckerFactors, KroneckerStatistics, ema_
 from .precision import matmul_dtype_of
 
-__all__ = ["ASGOConfig", "OneSidedMoments", "OneSidedRootScaling", "OneSided"]
+__all__ = ["ASGOConfig", "OneSidedMoments", "OneSidedRootScaling", "OneSided", "EIGENVALUE_MODES",
+           "current_eigenvalues"]
+
+# What the scaling divides by between refreshes (module docstring).
+EIGENVALUE_MODES = ("current", "refresh")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,11 +107,24 @@ def _accuracy_floor(values: Tensor) -> Tensor:
     return torch.maximum(values, values.amax(-1, keepdim=True) * limit)
 
 
+def current_eigenvalues(factor: Tensor, basis: Tensor) -> Tensor:
+    """``diag(Q^T V Q)`` of a stack (``V`` ``[k, d, d]``, ``Q`` ``[k, d, d]`` with eigenvector
+    columns): this step's ``V`` in the basis of the last root, the eigenvalues at a refresh.
+    One ``d x d x d`` product, in the state dtype (as the eigendecompositions)."""
+    return (torch.matmul(factor, basis) * basis).sum(-2)
+
+
 class OneSidedRootScaling(Scaling):
-    """``(V_hat^{1/2} + eps I)^{-1} M_hat`` on the factored side (module docstring); before
-    ``start_preconditioning_step`` the direction is ``M_hat`` (momentum SGD)."""
+    """``(V_hat^{1/2} + eps I)^{-1} M_hat`` on the factored side with ``eigenvalues``
+    ``"current"`` or ``"refresh"`` (module docstring); before ``start_preconditioning_step``
+    the direction is ``M_hat`` (momentum SGD)."""
 
     moments_type = OneSidedMoments
+
+    def __init__(self, eigenvalues: str = "current") -> None:
+        if eigenvalues not in EIGENVALUE_MODES:
+            raise ValueError(f"eigenvalues must be one of {EIGENVALUE_MODES}, got {eigenvalues!r}")
+        self.eigenvalues = eigenvalues
 
     def state_shapes(self, m: int, n: int, config: Any) -> dict[str, tuple[int, ...]]:
         return {"exp_avg": (m, n), "factor_weight": (1,), "root_weight": (1,)}
@@ -100,9 +137,14 @@ class OneSidedRootScaling(Scaling):
         if step < config.start_preconditioning_step:
             return momentum.clone(), config.lr
         scaled = factors.to_basis(momentum, matmul_dtype_of(config))
-        weight = moments.root_weight.clamp_min(torch.finfo(moments.root_weight.dtype).tiny)
+        current = self.eigenvalues == "current"
+        # The bias correction of the V the values come from: this step's, or the last root's.
+        weight = moments.factor_weight if current else moments.root_weight
+        weight = weight.clamp_min(torch.finfo(weight.dtype).tiny)
         for side, dim in (("left", -1), ("right", -2)):
             values = factors.eigenvalues(side)
+            if values is not None and current:
+                values = current_eigenvalues(factors.factor(side), factors.basis(side))
             if values is not None:
                 root = (_accuracy_floor(values) / weight).sqrt()
                 scaled = scaled * (1.0 / (root + config.eps)).unsqueeze(dim)
@@ -118,12 +160,12 @@ class OneSidedRootScaling(Scaling):
 class OneSided(StatisticsFirst):
     """ASGO's composition: Kronecker statistics on the kept side only (the plan makes the
     other an identity side), exact roots (``eigh``) every ``precondition_frequency`` steps
-    from ``start_preconditioning_step``, the one-sided root scaling."""
+    from ``start_preconditioning_step``, the one-sided root scaling with ``eigenvalues``."""
 
     config_type = ASGOConfig
 
-    def __init__(self, side: str = "smaller") -> None:
-        super().__init__(KroneckerStatistics(), OneSidedRootScaling(), refresh_method="eigh",
+    def __init__(self, side: str = "smaller", eigenvalues: str = "current") -> None:
+        super().__init__(KroneckerStatistics(), OneSidedRootScaling(eigenvalues), refresh_method="eigh",
                          sort_on_refresh=False)
         # Read by the engine when it plans blocks (PlanLimits.one_side).
         self.one_side = side
