@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 
-__all__ = ["BlockUpdate", "CheckpointLayout", "Router", "LocalRouter", "GroupCollectives"]
+__all__ = ["BlockUpdate", "CheckpointLayout", "DecayFactors", "Router", "LocalRouter", "GroupCollectives"]
 
 
 @dataclass
@@ -137,6 +137,38 @@ class Router:
         """On rank ``waiter``: return once every rank has called this with ``key``, raise
         ``RuntimeError`` with ``hint`` after ``timeout`` seconds (ranks that will never join the
         collective that follows). Elsewhere: announce the arrival and return."""
+
+
+class DecayFactors:
+    """The decay factor of every block a receiver applies, on the device, with no host sync.
+
+    An owner sends a flag (1: block updated this step) with each update; the receiver
+    multiplies by its param group's ``decay`` where the flag is set, by 1 elsewhere. The
+    per-group factors are float64 (a multiply rounds them to the operand's compute type, as
+    it does a Python float in one process) and are copied to the device only when the
+    groups' values change (on CUDA from pinned memory, without waiting for the device).
+    Shared by the replicated and the sharded routers.
+    """
+
+    def __init__(self, group_of: Sequence[int], device: torch.device) -> None:
+        self._device = device
+        self._group_of = torch.tensor(list(group_of), dtype=torch.long).to(device)  # group of each flag
+        self._key: tuple[float, ...] | None = None
+        self._groups = torch.zeros(0, dtype=torch.float64)
+
+    def __call__(self, flags: Tensor, decays: Sequence[float]) -> Tensor | None:
+        """One factor per flag; ``None`` when every decay is 1 (nothing to multiply)."""
+        key = tuple(decays)
+        if all(d == 1.0 for d in key):
+            return None
+        if key != self._key:
+            host = torch.tensor(key, dtype=torch.float64)
+            if self._device.type == "cuda":
+                self._groups = host.pin_memory().to(self._device, non_blocking=True)
+            else:
+                self._groups = host.to(self._device)
+            self._key = key
+        return torch.where(flags > 0, self._groups[self._group_of], 1.0)
 
 
 def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:

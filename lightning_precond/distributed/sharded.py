@@ -10,9 +10,21 @@ ZeRO's partition fragments. A :class:`LocalPiece` describes one such range. The 
 3. scatters, with ONE ``all_to_all`` back, the update pieces to the ranks that hold them,
    which apply ``value <- decay * value + delta`` in place in the backend's storage.
 
-Within a message, each (block, sender) segment starts with one flag element (gradient
-present / block updated) followed by the elements in ascending flat order. All index maps
-are built once, at the first step, from the pieces' geometry (one ``all_gather_object``).
+A (block, piece) intersection, a *segment*, is one contiguous run of the block buffer and at
+most three rectangles of the piece (:class:`_Run`: a partial row, whole rows, a partial
+row; one run when the block spans whole rows). Every route is built once, at the first step,
+from the pieces' geometry (one ``all_gather_object``); a step then only takes views:
+
+* gather: the message is the segments' gradient values, one ``torch.cat`` of views of the
+  pieces' gradients; the owner assembles its blocks with one ``torch.cat`` of views of what
+  it received. A piece without a gradient sends zeros: a block whose gradient is zero
+  everywhere is skipped by the engine's screen exactly as one without a gradient.
+* scatter: each segment is one flag (block updated) followed by its update values, one
+  ``torch.cat`` at the owner; the holder applies them run by run, with the decay factor of
+  the block's group where the flag is set (:class:`~.router.DecayFactors`, on the device).
+
+No host sync, no index tensor and no host-built tensor per step (but the group decays when
+they change).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, GroupCollectives, Router
+from .router import BlockUpdate, DecayFactors, GroupCollectives, Router
 
 __all__ = ["LocalPiece", "ShardedRouter"]
 
@@ -54,6 +66,51 @@ class _Segment:
     length: int
 
 
+@dataclass(frozen=True)
+class _Run:
+    """``rows`` runs of ``cols`` elements, ``stride`` apart, from element ``start`` of a piece."""
+
+    start: int
+    rows: int
+    cols: int
+    stride: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def of(self, flat: Tensor) -> Tensor:
+        """This run as a view of the 1-D ``flat``: ``[cols]`` for one row, else ``[rows, cols]``."""
+        if self.rows == 1:
+            return flat.narrow(0, self.start, self.cols)
+        return flat.narrow(0, self.start, (self.rows - 1) * self.stride + self.cols).unfold(0, self.cols, self.stride)
+
+
+def _runs(block: Block, cols_total: int, offset: int, length: int, base: int) -> list[_Run]:
+    """Elements ``[offset, offset + length)`` of ``block`` (row-major) as runs of the flattened
+    parameter, counted from its element ``base``."""
+    cols = block.cols
+
+    def at(k: int) -> int:
+        row, col = divmod(k, cols)
+        return (block.row_start + row) * cols_total + block.col_start + col - base
+
+    if cols == cols_total:  # whole rows: contiguous in the parameter too
+        return [_Run(at(offset), 1, length, cols_total)]
+    runs, k, end = [], offset, offset + length
+    while k < end:
+        col = k % cols
+        if col or end - k < cols:  # a partial row
+            n = min(cols - col, end - k)
+            runs.append(_Run(at(k), 1, n, cols_total))
+            k += n
+        else:
+            rows = (end - k) // cols
+            runs.append(_Run(at(k), rows, cols, cols_total) if rows > 1 else _Run(at(k), 1, cols, cols_total))
+            k += rows * cols
+    return runs
+
+
 def _block_flat_indices(block: Block, cols_total: int) -> Tensor:
     rows = torch.arange(block.row_start, block.row_start + block.rows)
     cols = torch.arange(block.col_start, block.col_start + block.cols)
@@ -78,20 +135,28 @@ def _segments(
         block = plan.blocks[b]
         shape = plan.matrix_shapes[block.param_index]
         assert shape is not None
-        indices = _block_flat_indices(block, shape[1])
         found = []
-        for piece, start, numel in by_param.get(block.param_index, []):
-            lo = int(torch.searchsorted(indices, start))
-            hi = int(torch.searchsorted(indices, start + numel))
-            if hi > lo:  # contiguous in the block; inside the piece it strides by rows
-                found.append(_Segment(b, piece, lo, hi - lo))
+        candidates = by_param.get(block.param_index, [])
+        if candidates:
+            indices = _block_flat_indices(block, shape[1])
+            for piece, start, numel in candidates:
+                lo = int(torch.searchsorted(indices, start))
+                hi = int(torch.searchsorted(indices, start + numel))
+                if hi > lo:  # contiguous in the block; inside the piece it strides by rows
+                    found.append(_Segment(b, piece, lo, hi - lo))
         out.append(found)
     return out
 
 
-def _run_indices(indices: Tensor, segment: _Segment) -> Tensor:
-    """Flat parameter indices of a segment's elements, relative to the block buffer run."""
-    return indices[segment.block_offset : segment.block_offset + segment.length]
+def _spans(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(start, length)`` spans with neighbours merged where one ends where the next starts."""
+    merged: list[tuple[int, int]] = []
+    for start, length in parts:
+        if merged and merged[-1][0] >= 0 and start >= 0 and sum(merged[-1]) == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        else:
+            merged.append((start, length))
+    return merged
 
 
 class ShardedRouter(GroupCollectives, Router):
@@ -153,8 +218,6 @@ class ShardedRouter(GroupCollectives, Router):
         mine = [(p.param_index, p.flat_start, p.numel) for p in pieces]
         if everyone is None:
             everyone = self._geometry_of_all_ranks(pieces)
-        self._piece_sizes = [p.numel for p in pieces]
-        self._piece_starts = torch.tensor([0, *torch.tensor(self._piece_sizes, dtype=torch.long).cumsum(0).tolist()])
         self._owned = [b for b in blocks if owners[b] == self.rank]
         self._owned_offsets: dict[int, int] = {}
         total = 0
@@ -162,79 +225,84 @@ class ShardedRouter(GroupCollectives, Router):
             self._owned_offsets[b] = total
             total += plan.blocks[b].rows * plan.blocks[b].cols
         self._owned_numel = total
-        self._build_send(plan, pieces, mine)
-        self._build_receive(plan, everyone)
         self._index_of = {block.id: i for i, block in enumerate(plan.blocks)}
-        self._to_device(pieces[0].value.device if pieces else torch.device("cpu"))
+        self._build_send(plan, mine)
+        self._build_receive(plan, everyone)
+        device = pieces[0].value.device if pieces else torch.device("cpu")
+        self._device = device
+        self._decay_factors = DecayFactors(self._send_groups, device)
+        self._flag_index = torch.tensor(self._flag_slots, dtype=torch.long).to(device)
+        dtype = self.communication_dtype
+        # The flags of the scatter message, sliced (never written) into it.
+        self._flag_values = {False: torch.zeros(1, dtype=dtype, device=device),
+                             True: torch.ones(1, dtype=dtype, device=device)}
+        self._zeros = torch.zeros(0, dtype=dtype, device=device)
 
-    def _to_device(self, device: torch.device) -> None:
-        """Turn the masks into index tensors on the pieces' device, once."""
-        lengths = torch.tensor([s.length for s in self._send_segments], dtype=torch.long)
-        values_at = self._send_value_mask.nonzero().squeeze(-1)
-        self._send_values_at = values_at.to(device)
-        self._send_local = self._send_index[values_at].to(device)
-        self._send_value_segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
-        self._segment_group = torch.tensor(
-            [self._plan.blocks[s.block_index].group_index for s in self._send_segments], dtype=torch.long
-        ).to(device)
-        self._send_gather = self._send_index.clamp_min(0).to(device)
-        self._send_flag_slots = self._send_flag_slots.to(device)
-        self._recv_values_at = self._recv_value_mask.nonzero().squeeze(-1).to(device)
-        self._recv_positions = self._recv_positions.to(device)
-        self._recv_flag_slots = self._recv_flag_slots.to(device)
-
-    def _build_send(self, plan: BlockPlan, pieces: list[LocalPiece], mine: list[tuple[int, int, int]]) -> None:
-        """Where each element this rank sends comes from in its concatenated local pieces."""
+    def _build_send(self, plan: BlockPlan, mine: list[tuple[int, int, int]]) -> None:
+        """The segments this rank holds, in message order (by owner, then block, then piece),
+        with their runs in the local pieces."""
         per_block = _segments(plan, range(len(plan.blocks)), mine)
-        order: list[_Segment] = []
-        splits = [0] * self.world_size
+        # Gather: (piece, run) in message order; scatter back: per segment (piece, runs, group).
+        self._gather_runs: list[tuple[int, _Run]] = []
+        self._apply_routes: list[tuple[int, list[_Run]]] = []
+        self._send_groups: list[int] = []
+        self._gather_send_splits = [0] * self.world_size
+        self._scatter_recv_splits = [0] * self.world_size
+        self._flag_slots: list[int] = []  # where each scatter flag lands in what comes back
+        position = 0
         for destination in range(self.world_size):
             for b, segments in enumerate(per_block):
                 if self._owners[b] != destination:
                     continue
+                block = plan.blocks[b]
+                shape = plan.matrix_shapes[block.param_index]
+                assert shape is not None
                 for segment in segments:
-                    order.append(segment)
-                    splits[destination] += 1 + segment.length
-        self._send_segments = order
-        self._send_splits = splits
-        local_index, flag_slots, position = [], [], 0
-        for segment in order:
-            block = plan.blocks[segment.block_index]
-            shape = plan.matrix_shapes[block.param_index]
-            assert shape is not None
-            flat = _run_indices(_block_flat_indices(block, shape[1]), segment)
-            start = mine[segment.piece][1]
-            flag_slots.append(position)
-            local_index.append(torch.tensor([-1]))  # placeholder for the flag
-            local_index.append(flat - start + int(self._piece_starts[segment.piece]))
-            position += 1 + segment.length
-        self._send_index = torch.cat(local_index) if local_index else torch.zeros(0, dtype=torch.long)
-        self._send_flag_slots = torch.tensor(flag_slots, dtype=torch.long)
-        self._send_value_mask = torch.ones(position, dtype=torch.bool)
-        self._send_value_mask[self._send_flag_slots] = False
+                    runs = _runs(block, shape[1], segment.block_offset, segment.length, mine[segment.piece][1])
+                    self._gather_runs.extend((segment.piece, run) for run in runs)
+                    self._apply_routes.append((segment.piece, runs))
+                    self._send_groups.append(block.group_index)
+                    self._flag_slots.append(position)
+                    position += 1 + segment.length
+                    self._gather_send_splits[destination] += segment.length
+                    self._scatter_recv_splits[destination] += 1 + segment.length
 
     def _build_receive(self, plan: BlockPlan, everyone: list[Any]) -> None:
-        """Where each element this rank receives goes in its owned-block buffer."""
-        positions, flag_slots, flag_blocks, position = [], [], [], 0
-        splits = [0] * self.world_size
+        """Where each segment this rank receives (as owner) sits in its owned-block buffer."""
+        placed = []  # (offset in the owned buffer, offset in the gather message, length)
+        self._return_route: list[tuple[int, int, int]] = []  # scatter: (block, block offset, length)
+        gather_splits = [0] * self.world_size
+        scatter_splits = [0] * self.world_size
+        position = 0
         for source in range(self.world_size):
             per_block = _segments(plan, range(len(plan.blocks)), everyone[source])
             for b, segments in enumerate(per_block):
-                if self._owners[b] != self.rank:
+                if self._owners[b] != self.rank or b not in self._owned_offsets:
                     continue
                 for segment in segments:
-                    flag_slots.append(position)
-                    flag_blocks.append(b)
-                    start = self._owned_offsets[b] + segment.block_offset
-                    positions.append(torch.arange(start, start + segment.length))
-                    position += 1 + segment.length
-                    splits[source] += 1 + segment.length
-        self._recv_splits = splits
-        self._recv_positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
-        self._recv_flag_slots = torch.tensor(flag_slots, dtype=torch.long)
-        self._recv_flag_blocks = flag_blocks
-        self._recv_value_mask = torch.ones(position, dtype=torch.bool)
-        self._recv_value_mask[self._recv_flag_slots] = False
+                    placed.append((self._owned_offsets[b] + segment.block_offset, position, segment.length))
+                    self._return_route.append((b, segment.block_offset, segment.length))
+                    position += segment.length
+                    gather_splits[source] += segment.length
+                    scatter_splits[source] += 1 + segment.length
+        self._gather_recv_splits = gather_splits
+        self._scatter_send_splits = scatter_splits
+        # The owned buffer as spans of the received message in order, zeros (start -1) where
+        # no rank holds an element. Sharded pieces tile each parameter; replicas (FSDP1's
+        # NO_SHARD) overlap with equal values, and the last rank's are taken.
+        spans, filled = [], 0
+        for owned_at, at, length in sorted(placed, key=lambda p: (p[0], -p[1])):
+            skip = min(max(filled - owned_at, 0), length)
+            owned_at, at, length = owned_at + skip, at + skip, length - skip
+            if length == 0:
+                continue
+            if owned_at > filled:
+                spans.append((-1, owned_at - filled))
+            spans.append((at, length))
+            filled = owned_at + length
+        if filled < self._owned_numel:
+            spans.append((-1, self._owned_numel - filled))
+        self._owned_spans = _spans(spans)
 
     # -- the step -----------------------------------------------------------------------
     def _exchange(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
@@ -243,71 +311,61 @@ class ShardedRouter(GroupCollectives, Router):
         self.bytes_last_step += (send.numel() + received.numel()) * send.element_size()
         return received
 
+    def _zeros_of(self, numel: int) -> Tensor:
+        """``numel`` zeros to slice into a message (kept: never written)."""
+        if self._zeros.numel() < numel:
+            self._zeros = torch.zeros(numel, dtype=self.communication_dtype, device=self._device)
+        return self._zeros[:numel]
+
+    def _cat(self, parts: list[Tensor]) -> Tensor:
+        if not parts:
+            return torch.zeros(0, dtype=self.communication_dtype, device=self._device)
+        return torch.cat(parts)
+
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
+        """Every owned block's gradient (zeros where no rank holds one: the screen skips an
+        all-zero block as it skips a missing one); ``None`` for blocks routed elsewhere."""
         self.bytes_last_step = 0
         pieces = self.local_pieces()
         self._pieces = pieces
         dtype = self.communication_dtype
-        device = pieces[0].value.device if pieces else torch.device("cpu")
-        grads = [
-            p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel, dtype=dtype, device=device)
-            for p in pieces
-        ]
-        local = torch.cat([*grads, torch.zeros(1, dtype=dtype, device=device)])
-        present = torch.tensor(
-            [pieces[s.piece].grad is not None for s in self._send_segments], dtype=dtype, device=device
-        )
-        send = local[self._send_gather]
-        send[self._send_flag_slots] = present
-        received = self._exchange(send, self._send_splits, self._recv_splits)
-        owned = torch.zeros(self._owned_numel, dtype=dtype, device=device)
-        owned[self._recv_positions] = received[self._recv_values_at]
-        flags = received[self._recv_flag_slots].tolist()  # one host sync: which blocks have gradients
-        has_grad = {b: False for b in self._owned}
-        for b, flag in zip(self._recv_flag_blocks, flags):
-            has_grad[b] = has_grad[b] or bool(flag)
-        self._owned_buffer = owned
+        grads = [p.grad.reshape(-1).to(dtype) if p.grad is not None else None for p in pieces]
+        parts = []
+        for piece, run in self._gather_runs:
+            grad = grads[piece]
+            parts.append(self._zeros_of(run.numel) if grad is None else run.of(grad).reshape(-1))
+        received = self._exchange(self._cat(parts), self._gather_send_splits, self._gather_recv_splits)
+        owned = self._cat([received.narrow(0, at, length) if at >= 0 else self._zeros_of(length)
+                           for at, length in self._owned_spans])
         out: list[Tensor | None] = []
         for block in blocks:
-            b = self._index_of[block.id]
-            if not has_grad.get(b, False):
-                out.append(None)
-                continue
-            start = self._owned_offsets[b]
-            out.append(owned[start : start + block.rows * block.cols].view(block.rows, block.cols))
+            start = self._owned_offsets.get(self._index_of[block.id])
+            out.append(None if start is None else owned[start : start + block.rows * block.cols].view(block.shape))
         return out
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
-        device = self._owned_buffer.device
         dtype = self.communication_dtype
-        owned = torch.zeros(self._owned_numel, dtype=dtype, device=device)
-        updated: set[int] = set()
-        for update in updates:
-            b = self._index_of[update.block.id]
-            start = self._owned_offsets[b]
-            owned[start : start + update.delta.numel()] = update.delta.reshape(-1)
-            updated.add(b)
+        deltas = {self._index_of[u.block.id]: u.delta.reshape(-1).to(dtype) for u in updates}
         # Back along the reversed routes: what came from rank s goes back to rank s.
-        send = torch.empty(sum(self._recv_splits), dtype=dtype, device=device)
-        send[self._recv_values_at] = owned[self._recv_positions]
-        send[self._recv_flag_slots] = torch.tensor(
-            [b in updated for b in self._recv_flag_blocks], dtype=dtype, device=device
-        )
-        received = self._exchange(send, self._recv_splits, self._send_splits)
-        # Decay only the elements of updated blocks; all index work stays on the device.
-        updated_segment = received[self._send_flag_slots] > 0
-        group_decay = torch.tensor(list(decays), dtype=dtype, device=device)[self._segment_group]
-        segment_decay = torch.where(updated_segment, group_decay, torch.ones_like(group_decay))
+        parts = []
+        for b, offset, length in self._return_route:
+            delta = deltas.get(b)
+            parts.append(self._flag_values[delta is not None])
+            parts.append(self._zeros_of(length) if delta is None else delta.narrow(0, offset, length))
+        received = self._exchange(self._cat(parts), self._scatter_send_splits, self._scatter_recv_splits)
+        # Every segment is applied (a block not updated arrives as zeros with factor 1): which
+        # blocks were updated is read on the device only.
+        flags = received[self._flag_index]
+        factors = self._decay_factors(flags, decays)
         pieces = self._pieces
-        starts = self._piece_starts.tolist()
-        total = starts[-1]
-        delta = torch.zeros(total + 1, dtype=dtype, device=device)
-        decay = torch.ones(total + 1, dtype=dtype, device=device)
-        delta[self._send_local] = received[self._send_values_at]
-        decay[self._send_local] = segment_decay[self._send_value_segment]
-        for i, piece in enumerate(pieces):
-            if piece.numel == 0:
-                continue
-            lo, hi = starts[i], starts[i + 1]
-            piece.value.mul_(decay[lo:hi].to(piece.value.dtype)).add_(delta[lo:hi].to(piece.value.dtype))
-
+        position = 0
+        for k, (piece, runs) in enumerate(self._apply_routes):
+            value = pieces[piece].value
+            position += 1
+            for run in runs:
+                target = run.of(value)
+                delta = received.narrow(0, position, run.numel).view(target.shape)
+                position += run.numel
+                if factors is not None:
+                    target.mul_(factors[k])
+                target.add_(delta.to(target.dtype))
