@@ -22,7 +22,7 @@ from torch import Tensor
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
 from .fsdp import is_dtensor
-from .router import BlockUpdate, GroupCollectives, LocalRouter, apply_to_params
+from .router import BlockUpdate, DecayFactors, GroupCollectives, LocalRouter, apply_to_params
 
 __all__ = ["ReplicatedRouter"]
 
@@ -72,42 +72,42 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
                 offset += 1 + block.rows * block.cols
         self._device = params[0].device if params else torch.device("cpu")
         self._flag_index = torch.tensor(flag_positions, dtype=torch.long, device=self._device)
-        self._block_group = torch.tensor([b.group_index for b, _ in self._layout], dtype=torch.long,
-                                         device=self._device)
+        self._decay_factors = DecayFactors([b.group_index for b, _ in self._layout], self._device)
+        dtype = self.communication_dtype
+        # Sliced (never written) into the packed buffer: the flags, and zeros for blocks not
+        # updated this step and for the padding up to the chunk.
+        self._flag_values = {False: torch.zeros(1, dtype=dtype, device=self._device),
+                             True: torch.ones(1, dtype=dtype, device=self._device)}
+        self._zeros = torch.zeros(0, dtype=dtype, device=self._device)
         return owners
+
+    def _zeros_of(self, numel: int) -> Tensor:
+        if self._zeros.numel() < numel:
+            self._zeros = torch.zeros(numel, dtype=self.communication_dtype, device=self._device)
+        return self._zeros[:numel]
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
         if self._chunk == 0:
             return
         mine = {u.block.id: u for u in updates}
         dtype = self.communication_dtype
-        send = torch.zeros(self._chunk, dtype=dtype, device=self._device)
-        offset = 0
+        parts, packed = [], 0
         for block in self._owned_by[self.rank]:
             update = mine.get(block.id)
-            if update is not None:
-                send[offset] = 1.0
-                send[offset + 1 : offset + 1 + block.rows * block.cols] = update.delta.reshape(-1)
-            offset += 1 + block.rows * block.cols
+            parts.append(self._flag_values[update is not None])
+            size = block.rows * block.cols
+            parts.append(self._zeros_of(size) if update is None else update.delta.reshape(-1).to(dtype))
+            packed += 1 + size
+        if packed < self._chunk:
+            parts.append(self._zeros_of(self._chunk - packed))
+        send = torch.cat(parts)
         received = torch.empty(self.world_size * self._chunk, dtype=dtype, device=self._device)
         dist.all_gather_into_tensor(received, send, group=self.group)
         self.bytes_last_step = received.numel() * received.element_size()
         # Every rank, the owner included, applies the received values: replicas stay identical.
         # A block not updated this step (flag 0) arrives as zeros and takes the factor 1, so
         # every block is applied and no flag is read on the host: no sync beyond the step's one.
-        updated = received[self._flag_index] > 0
-        group_decay = _on_device(decays, self._device)[self._block_group]
-        factors = torch.where(updated, group_decay, torch.ones_like(group_decay))
+        factors = self._decay_factors(received[self._flag_index], decays)
         applied = [BlockUpdate(block, received[start : start + block.rows * block.cols].view(block.shape))
                    for block, start in self._layout]
-        apply_to_params(self._params, self._shapes, applied, factors)
-
-
-def _on_device(values: Sequence[float], device: torch.device) -> Tensor:
-    """``values`` as a float64 tensor on ``device``; on CUDA a non-blocking copy from pinned
-    memory, which does not wait for the device."""
-    host = torch.tensor(list(values), dtype=torch.float64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
+        apply_to_params(self._params, self._shapes, applied, decays if factors is None else factors)
