@@ -3,6 +3,7 @@ changes, with the ranks' verdicts agreed in one small all-reduce where they must
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ def _local(tensor: Tensor) -> Tensor:
     """A DTensor's local shard (reductions on it then need no collective), else the tensor."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(indices: tuple[int, ...], device: torch.device) -> Tensor:
+    """``indices`` as a tensor on ``device``, built once per set of vectors (not every step)."""
+    return torch.tensor(indices, device=device)
 
 
 def screen(
@@ -67,7 +74,7 @@ def screen(
         verdict = torch.ones(num_params + 1, device=device)
         verdict[0] = usable.min() if usable.numel() else 1.0
         if vectors:
-            index = torch.tensor([1 + v.param_index for v in vectors], device=device)
+            index = _positions(tuple(1 + v.param_index for v in vectors), device)
             verdict.scatter_reduce_(0, index, vector_ok, reduce="amin")
         parts.append(router.all_ranks_min(verdict))
     flags = torch.cat(parts).tolist()  # the one host sync
