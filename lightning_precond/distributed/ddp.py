@@ -43,6 +43,7 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
         self.world_size = dist.get_world_size(group)
         self.communication_dtype = communication_dtype
         self.bytes_last_step = 0
+        self._pending: tuple[Any, Tensor, Tensor, list[float]] | None = None  # the all-gather in flight
 
     def setup(self, params: Sequence[Tensor], plan: BlockPlan, keep: Sequence[int] = ()) -> list[int]:
         for p in params:
@@ -102,8 +103,17 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
             parts.append(self._zeros_of(self._chunk - packed))
         send = torch.cat(parts)
         received = torch.empty(self.world_size * self._chunk, dtype=dtype, device=self._device)
-        dist.all_gather_into_tensor(received, send, group=self.group)
+        work = dist.all_gather_into_tensor(received, send, group=self.group, async_op=True)
         self.bytes_last_step = received.numel() * received.element_size()
+        self._pending = (work, send, received, list(decays))  # send kept alive until the wait
+
+    def end_step(self) -> None:
+        """Wait for the all-gather (it overlapped the vectors' step) and apply what arrived."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        work, _, received, decays = pending
+        work.wait()
         # Every rank, the owner included, applies the received values: replicas stay identical.
         # A block not updated this step (flag 0) arrives as zeros and takes the factor 1, so
         # every block is applied and no flag is read on the host: no sync beyond the step's one.

@@ -71,7 +71,9 @@ class Router:
         """Called at the start of ``step()`` with the param groups it was called with."""
 
     def end_step(self) -> None:
-        """Called at the end of ``step()`` (also when it raised)."""
+        """Called at the end of ``step()`` (also when it raised), after the vectors' AdamW:
+        routers with collectives finish there the exchange :meth:`apply_updates` started, so
+        that it overlaps the vectors' step (blocks and vectors touch disjoint storage)."""
 
     def vector_pieces(self) -> list[Any] | None:
         """Where the backend keeps vectors in flat fragments (``flat_partitions``): this rank's
@@ -99,7 +101,8 @@ class Router:
         raise NotImplementedError
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
-        """Apply every owner's updates; ``decays[g]`` is param group g's decay factor."""
+        """Apply every owner's updates; ``decays[g]`` is param group g's decay factor. Routers
+        with collectives may only start the exchange here and apply at :meth:`end_step`."""
         raise NotImplementedError
 
     # Whether ranks hold different pieces of the same vector (FSDP, ZeRO), so that skipping

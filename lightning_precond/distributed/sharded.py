@@ -172,6 +172,7 @@ class ShardedRouter(GroupCollectives, Router):
         self.world_size = dist.get_world_size(group)
         self.communication_dtype = communication_dtype
         self.bytes_last_step = 0
+        self._pending: tuple[Any, Tensor, Tensor, list[float]] | None = None  # the scatter in flight
 
     # -- what subclasses provide ------------------------------------------------------
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
@@ -305,11 +306,12 @@ class ShardedRouter(GroupCollectives, Router):
         self._owned_spans = _spans(spans)
 
     # -- the step -----------------------------------------------------------------------
-    def _exchange(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+    def _exchange(self, send: Tensor, send_splits: list[int], recv_splits: list[int],
+                  async_op: bool = False) -> tuple[Tensor, Any]:
         received = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
-        dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.group)
+        work = dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.group, async_op=async_op)
         self.bytes_last_step += (send.numel() + received.numel()) * send.element_size()
-        return received
+        return received, work
 
     def _zeros_of(self, numel: int) -> Tensor:
         """``numel`` zeros to slice into a message (kept: never written)."""
@@ -334,7 +336,7 @@ class ShardedRouter(GroupCollectives, Router):
         for piece, run in self._gather_runs:
             grad = grads[piece]
             parts.append(self._zeros_of(run.numel) if grad is None else run.of(grad).reshape(-1))
-        received = self._exchange(self._cat(parts), self._gather_send_splits, self._gather_recv_splits)
+        received, _ = self._exchange(self._cat(parts), self._gather_send_splits, self._gather_recv_splits)
         owned = self._cat([received.narrow(0, at, length) if at >= 0 else self._zeros_of(length)
                            for at, length in self._owned_spans])
         out: list[Tensor | None] = []
@@ -352,7 +354,17 @@ class ShardedRouter(GroupCollectives, Router):
             delta = deltas.get(b)
             parts.append(self._flag_values[delta is not None])
             parts.append(self._zeros_of(length) if delta is None else delta.narrow(0, offset, length))
-        received = self._exchange(self._cat(parts), self._scatter_send_splits, self._scatter_recv_splits)
+        send = self._cat(parts)
+        received, work = self._exchange(send, self._scatter_send_splits, self._scatter_recv_splits, async_op=True)
+        self._pending = (work, send, received, list(decays))  # send kept alive until the wait
+
+    def end_step(self) -> None:
+        """Wait for the scatter (it overlapped the vectors' step) and apply what arrived."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        work, _, received, decays = pending
+        work.wait()
         # Every segment is applied (a block not updated arrives as zeros with factor 1): which
         # blocks were updated is read on the device only.
         flags = received[self._flag_index]

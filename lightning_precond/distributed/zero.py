@@ -408,5 +408,9 @@ class ZeroRouter(GroupCollectives, Router):
         )
 
     def end_step(self) -> None:
-        self._active = None
+        try:
+            if self._active is not None:
+                self._units[self._active].end_step()  # the stepping unit's updates, still in flight
+        finally:
+            self._active = None
 
