@@ -100,6 +100,12 @@ class Router:
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
         raise NotImplementedError
 
+    def gather(self, blocks: Sequence[Block], verdict: Tensor | None = None) -> tuple[list[Tensor | None], Tensor | None]:
+        """:meth:`block_gradients`, and ``verdict`` 's elementwise minimum over ranks when given
+        (here an all-reduce; the sharded routers carry it in their gather instead)."""
+        grads = self.block_gradients(blocks)
+        return grads, None if verdict is None else self.all_ranks_min(verdict)
+
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
         """Apply every owner's updates; ``decays[g]`` is param group g's decay factor. Routers
         with collectives may only start the exchange here and apply at :meth:`end_step`."""

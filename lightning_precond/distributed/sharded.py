@@ -15,10 +15,12 @@ most three rectangles of the piece (:class:`_Run`: a partial row, whole rows, a 
 row; one run when the block spans whole rows). Every route is built once, at the first step,
 from the pieces' geometry (one ``all_gather_object``); a step then only takes views:
 
-* gather: the message is the segments' gradient values, one ``torch.cat`` of views of the
-  pieces' gradients; the owner assembles its blocks with one ``torch.cat`` of views of what
-  it received. A piece without a gradient sends zeros: a block whose gradient is zero
-  everywhere is skipped by the engine's screen exactly as one without a gradient.
+* gather: the message is the sender's screen verdict (vectors' gradients finite, so that the
+  ranks agree on it without a collective of its own) and the segments' gradient values, one
+  ``torch.cat`` of views of the pieces' gradients; the owner assembles its blocks with one
+  ``torch.cat`` of views of what it received. A piece without a gradient sends zeros: a
+  block whose gradient is zero everywhere is skipped by the engine's screen exactly as one
+  without a gradient.
 * scatter: each segment is one flag (block updated) followed by its update values, one
   ``torch.cat`` at the owner; the holder applies them run by run, with the decay factor of
   the block's group where the flag is set (:class:`~.router.DecayFactors`, on the device).
@@ -227,6 +229,9 @@ class ShardedRouter(GroupCollectives, Router):
             total += plan.blocks[b].rows * plan.blocks[b].cols
         self._owned_numel = total
         self._index_of = {block.id: i for i, block in enumerate(plan.blocks)}
+        # Each gather message starts with the sender's screen verdict (one per parameter, and
+        # one for the blocks), so that ranks agree on it without a collective of its own.
+        self._header = len(plan.matrix_shapes) + 1
         self._build_send(plan, mine)
         self._build_receive(plan, everyone)
         device = pieces[0].value.device if pieces else torch.device("cpu")
@@ -238,16 +243,17 @@ class ShardedRouter(GroupCollectives, Router):
         self._flag_values = {False: torch.zeros(1, dtype=dtype, device=device),
                              True: torch.ones(1, dtype=dtype, device=device)}
         self._zeros = torch.zeros(0, dtype=dtype, device=device)
+        self._ones = torch.ones(0, dtype=dtype, device=device)
 
     def _build_send(self, plan: BlockPlan, mine: list[tuple[int, int, int]]) -> None:
         """The segments this rank holds, in message order (by owner, then block, then piece),
         with their runs in the local pieces."""
         per_block = _segments(plan, range(len(plan.blocks)), mine)
-        # Gather: (piece, run) in message order; scatter back: per segment (piece, runs, group).
-        self._gather_runs: list[tuple[int, _Run]] = []
+        # Gather: (piece, run) per destination; scatter back: per segment (piece, runs, group).
+        self._gather_runs: list[list[tuple[int, _Run]]] = [[] for _ in range(self.world_size)]
         self._apply_routes: list[tuple[int, list[_Run]]] = []
         self._send_groups: list[int] = []
-        self._gather_send_splits = [0] * self.world_size
+        self._gather_send_splits = [self._header] * self.world_size
         self._scatter_recv_splits = [0] * self.world_size
         self._flag_slots: list[int] = []  # where each scatter flag lands in what comes back
         position = 0
@@ -260,7 +266,7 @@ class ShardedRouter(GroupCollectives, Router):
                 assert shape is not None
                 for segment in segments:
                     runs = _runs(block, shape[1], segment.block_offset, segment.length, mine[segment.piece][1])
-                    self._gather_runs.extend((segment.piece, run) for run in runs)
+                    self._gather_runs[destination].extend((segment.piece, run) for run in runs)
                     self._apply_routes.append((segment.piece, runs))
                     self._send_groups.append(block.group_index)
                     self._flag_slots.append(position)
@@ -272,10 +278,13 @@ class ShardedRouter(GroupCollectives, Router):
         """Where each segment this rank receives (as owner) sits in its owned-block buffer."""
         placed = []  # (offset in the owned buffer, offset in the gather message, length)
         self._return_route: list[tuple[int, int, int]] = []  # scatter: (block, block offset, length)
-        gather_splits = [0] * self.world_size
+        gather_splits = [self._header] * self.world_size
         scatter_splits = [0] * self.world_size
+        self._headers_at: list[int] = []  # where each source's verdict sits in the gather message
         position = 0
         for source in range(self.world_size):
+            self._headers_at.append(position)
+            position += self._header
             per_block = _segments(plan, range(len(plan.blocks)), everyone[source])
             for b, segments in enumerate(per_block):
                 if self._owners[b] != self.rank or b not in self._owned_offsets:
@@ -319,31 +328,47 @@ class ShardedRouter(GroupCollectives, Router):
             self._zeros = torch.zeros(numel, dtype=self.communication_dtype, device=self._device)
         return self._zeros[:numel]
 
+    def _ones_of(self, numel: int) -> Tensor:
+        """``numel`` ones (a verdict that agrees to everything), kept: never written."""
+        if self._ones.numel() < numel:
+            self._ones = torch.ones(numel, dtype=self.communication_dtype, device=self._device)
+        return self._ones[:numel]
+
     def _cat(self, parts: list[Tensor]) -> Tensor:
         if not parts:
             return torch.zeros(0, dtype=self.communication_dtype, device=self._device)
         return torch.cat(parts)
 
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
+        return self.gather(blocks)[0]
+
+    def gather(self, blocks: Sequence[Block], verdict: Tensor | None = None) -> tuple[list[Tensor | None], Tensor | None]:
         """Every owned block's gradient (zeros where no rank holds one: the screen skips an
-        all-zero block as it skips a missing one); ``None`` for blocks routed elsewhere."""
+        all-zero block as it skips a missing one), ``None`` for blocks routed elsewhere; and
+        the minimum over ranks of ``verdict`` (``[num_params + 1]``), carried in the message."""
         self.bytes_last_step = 0
         pieces = self.local_pieces()
         self._pieces = pieces
         dtype = self.communication_dtype
         grads = [p.grad.reshape(-1).to(dtype) if p.grad is not None else None for p in pieces]
+        header = self._ones_of(self._header) if verdict is None else verdict.to(device=self._device, dtype=dtype)
         parts = []
-        for piece, run in self._gather_runs:
-            grad = grads[piece]
-            parts.append(self._zeros_of(run.numel) if grad is None else run.of(grad).reshape(-1))
+        for runs in self._gather_runs:
+            parts.append(header)
+            for piece, run in runs:
+                grad = grads[piece]
+                parts.append(self._zeros_of(run.numel) if grad is None else run.of(grad).reshape(-1))
         received, _ = self._exchange(self._cat(parts), self._gather_send_splits, self._gather_recv_splits)
         owned = self._cat([received.narrow(0, at, length) if at >= 0 else self._zeros_of(length)
                            for at, length in self._owned_spans])
+        agreed = None
+        if verdict is not None:
+            agreed = torch.stack([received.narrow(0, at, self._header) for at in self._headers_at]).amin(0)
         out: list[Tensor | None] = []
         for block in blocks:
             start = self._owned_offsets.get(self._index_of[block.id])
             out.append(None if start is None else owned[start : start + block.rows * block.cols].view(block.shape))
-        return out
+        return out, agreed
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
         dtype = self.communication_dtype
