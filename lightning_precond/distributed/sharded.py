@@ -25,8 +25,9 @@ from the pieces' geometry (one ``all_gather_object``); a step then only takes vi
   ``torch.cat`` at the owner; the holder applies them run by run, with the decay factor of
   the block's group where the flag is set (:class:`~.router.DecayFactors`, on the device).
 
-No host sync, no index tensor and no host-built tensor per step (but the group decays when
-they change).
+Per step: no host sync, no tensor built from host values (but the group decays, when they
+change) and one indexing op, of the scatter flags (index built once). The scatter completes
+in ``end_step``, overlapping the vectors' AdamW.
 """
 
 from __future__ import annotations
