@@ -3,7 +3,9 @@
 Every rank holds full parameters and identical (all-reduced) gradients. Each block is owned
 by one rank (:func:`~lightning_precond.ownership.assign_owners`); only the owner keeps its
 factors and runs its statistics, refreshes and scaling. The finished updates of all owners
-reach every rank through ONE ``all_gather`` of packed buffers per step.
+reach every rank through ONE ``all_gather`` of packed buffers per step (one ``torch.cat``
+of views), started in ``apply_updates`` and applied in ``end_step``, after the vectors'
+AdamW that it overlaps.
 
 Packed layout of a rank's buffer (every rank knows every layout, since the plan and the
 owner map are pure functions of the shapes): for each block the rank owns, in plan order,
