@@ -301,17 +301,19 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._check_gradients()
         self._setup()
         configs = [self._config(gi) for gi in range(len(self._groups()))]
-        assert self._router is not None
+        assert self._router is not None and self._plan is not None
         self._check_params_unchanged()
         self._check_plan_unchanged()
         self._steps_taken += 1
         self._router.begin_step(self.param_groups)
         try:
             vectors = self._vector_work()
-            vector_ok, verdict = vector_checks(vectors, len(self._plan.matrix_shapes), self._device(vectors))
-            # Where ranks must agree on the vectors' verdict, the gather carries it when it can.
-            agree = self.options.nonfinite_grad != "raise" and must_agree(self.options.nonfinite_grad, self._router)
-            work, agreed = self._block_work(verdict if agree else None)
+            policy = self.options.nonfinite_grad
+            vector_ok, verdict = vector_checks(vectors, len(self._plan.matrix_shapes), self._device(vectors),
+                                               must_agree(policy, self._router))
+            # The gather carries the vectors' verdict to every rank; under "raise" the screen's
+            # all-reduce agrees on it with the blocks'.
+            work, agreed = self._block_work(verdict if policy != "raise" else None)
             finite, used, vectors_finite = self._screen(work, vectors, vector_ok, verdict, agreed)
             self._step_blocks(work, finite, used, configs)
             self._step_vectors(vectors, vectors_finite, configs)

@@ -40,12 +40,17 @@ def _positions(indices: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor(indices, device=device)
 
 
-def vector_checks(vectors: list[VectorWork], num_params: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Whether each vector's gradient here is finite, and this rank's verdict to agree on:
-    ``[1 (blocks: checked by the screen), then per parameter: its vector pieces here finite]``.
-    Device tensors, read by nobody yet: a router may carry the verdict in its gather."""
+def vector_checks(
+    vectors: list[VectorWork], num_params: int, device: torch.device, agree: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Whether each vector's gradient here is finite, and where ranks must ``agree`` this
+    rank's verdict: ``[1 (blocks: checked by the screen), then per parameter: its vector
+    pieces here finite]``. Device tensors, read by nobody yet: a router may carry the verdict
+    in its gather."""
     vector_ok = torch.stack([torch.isfinite(_local(v.grad)).all() for v in vectors]).float() if vectors \
         else torch.zeros(0, device=device)
+    if not agree:
+        return vector_ok, None
     verdict = torch.ones(num_params + 1, device=device)
     if vectors:
         index = _positions(tuple(1 + v.param_index for v in vectors), device)
@@ -67,7 +72,7 @@ def screen(
     router: Router,
     name_of: Callable[[int], str],
     vector_ok: Tensor,
-    verdict: Tensor,
+    verdict: Tensor | None,
     agreed: Tensor | None = None,
 ) -> tuple[list[bool], list[bool], list[bool]]:
     """Whether each block's gradient is usable (finite, and small enough that no statistic
@@ -86,11 +91,11 @@ def screen(
         flat = g.flatten(1)
         usable_parts.append(torch.isfinite(flat).all(dim=1) & torch.isfinite(flat.square().sum(dim=1) * headroom))
         nonzero_parts.append(flat.ne(0).any(dim=1))
-    device = verdict.device
+    device = vector_ok.device
     usable = torch.cat(usable_parts).float() if work else torch.zeros(0, device=device)
     nonzero = torch.cat(nonzero_parts).float() if work else torch.zeros(0, device=device)
     parts = [usable, nonzero, vector_ok]
-    if must_agree(policy, router):
+    if verdict is not None:  # ranks must agree (see must_agree)
         if agreed is None:
             # Every rank's verdict: [all blocks usable, then per parameter: its vector pieces here finite].
             verdict = verdict.clone()
