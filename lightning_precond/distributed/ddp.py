@@ -5,7 +5,7 @@ by one rank (:func:`~lightning_precond.ownership.assign_owners`); only the owner
 factors and runs its statistics, refreshes and scaling. The finished updates of all owners
 reach every rank through ONE ``all_gather`` of packed buffers per step (one ``torch.cat``
 of views), started in ``apply_updates`` and applied in ``end_step``, after the vectors'
-AdamW that it overlaps.
+AdamW and this rank's own blocks, which it overlaps.
 
 Packed layout of a rank's buffer (every rank knows every layout, since the plan and the
 owner map are pure functions of the shapes): for each block the rank owns, in plan order,
@@ -64,18 +64,18 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
             self._owned_by[owner].append(block)
         sizes = [sum(1 + b.rows * b.cols for b in blocks) for blocks in self._owned_by]
         self._chunk = max(sizes) if sizes else 0
-        # (block, offset of its update in the gathered buffer) and the offsets of the flags.
-        self._layout: list[tuple[Block, int]] = []
-        flag_positions = []
+        # Per block: (block, offset of its update, offset of its flag); this rank's own
+        # blocks in its packed buffer, the others' in the gathered one.
+        own: list[tuple[Block, int, int]] = []
+        others: list[tuple[Block, int, int]] = []
         for rank, blocks in enumerate(self._owned_by):
-            offset = rank * self._chunk
+            offset = 0 if rank == self.rank else rank * self._chunk
             for block in blocks:
-                flag_positions.append(offset)
-                self._layout.append((block, offset + 1))
+                (own if rank == self.rank else others).append((block, offset + 1, offset))
                 offset += 1 + block.rows * block.cols
         self._device = params[0].device if params else torch.device("cpu")
-        self._flag_index = torch.tensor(flag_positions, dtype=torch.long, device=self._device)
-        self._decay_factors = DecayFactors([b.group_index for b, _ in self._layout], self._device)
+        self._own = _Applied(own, self._device)
+        self._others = _Applied(others, self._device)
         dtype = self.communication_dtype
         # Sliced (never written) into the packed buffer: the flags, and zeros for blocks not
         # updated this step and for the padding up to the chunk.
@@ -108,6 +108,9 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
         work = dist.all_gather_into_tensor(received, send, group=self.group, async_op=True)
         self.bytes_last_step = received.numel() * received.element_size()
         self._pending = (work, send, received, list(decays))  # send kept alive until the wait
+        # While the others' updates travel, this rank's own apply from the packed buffer: the
+        # values the others receive, through the same operations, so replicas stay identical.
+        self._own.apply(self._params, self._shapes, send, decays)
 
     def end_step(self) -> None:
         """Wait for the all-gather (it overlapped the vectors' step) and apply what arrived."""
@@ -116,10 +119,24 @@ class ReplicatedRouter(GroupCollectives, LocalRouter):
             return
         work, _, received, decays = pending
         work.wait()
-        # Every rank, the owner included, applies the received values: replicas stay identical.
-        # A block not updated this step (flag 0) arrives as zeros and takes the factor 1, so
-        # every block is applied and no flag is read on the host: no sync beyond the step's one.
-        factors = self._decay_factors(received[self._flag_index], decays)
-        applied = [BlockUpdate(block, received[start : start + block.rows * block.cols].view(block.shape))
-                   for block, start in self._layout]
-        apply_to_params(self._params, self._shapes, applied, decays if factors is None else factors)
+        self._others.apply(self._params, self._shapes, received, decays)
+
+
+class _Applied:
+    """Blocks applied from one packed buffer: ``(block, offset of its update, offset of its
+    flag)`` each. A block not updated this step (flag 0) arrives as zeros and takes the factor
+    1, so every block is applied and no flag is read on the host: no sync beyond the step's one."""
+
+    def __init__(self, layout: list[tuple[Block, int, int]], device: torch.device) -> None:
+        self._layout = layout
+        self._flag_index = torch.tensor([flag for _, _, flag in layout], dtype=torch.long, device=device)
+        self._decay_factors = DecayFactors([b.group_index for b, _, _ in layout], device)
+
+    def apply(self, params: Sequence[Tensor], shapes: Sequence[tuple[int, int] | None], buffer: Tensor,
+              decays: Sequence[float]) -> None:
+        if not self._layout:
+            return
+        factors = self._decay_factors(buffer[self._flag_index], decays)
+        applied = [BlockUpdate(block, buffer[start : start + block.rows * block.cols].view(block.shape))
+                   for block, start, _ in self._layout]
+        apply_to_params(params, shapes, applied, decays if factors is None else factors)
