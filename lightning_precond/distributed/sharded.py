@@ -237,8 +237,15 @@ class ShardedRouter(GroupCollectives, Router):
         self._build_receive(plan, everyone)
         device = pieces[0].value.device if pieces else torch.device("cpu")
         self._device = device
-        self._decay_factors = DecayFactors(self._send_groups, device)
-        self._flag_index = torch.tensor(self._flag_slots, dtype=torch.long).to(device)
+        # Scatter: the segments this rank owns come back from itself, identical to what it
+        # sends itself: applied from the send buffer while the others' travel.
+        sent_at = sum(self._scatter_send_splits[: self.rank])  # this rank's chunk of its own message
+        self._own_applied = _Applied([(piece, runs, group, sent_at + flag)
+                                      for piece, runs, group, flag in self._applied[self.rank]], device)
+        received_at = [sum(self._scatter_recv_splits[:d]) for d in range(self.world_size)]
+        self._others_applied = _Applied([(piece, runs, group, received_at[d] + flag)
+                                         for d, routes in enumerate(self._applied) if d != self.rank
+                                         for piece, runs, group, flag in routes], device)
         dtype = self.communication_dtype
         # The flags of the scatter message, sliced (never written) into it.
         self._flag_values = {False: torch.zeros(1, dtype=dtype, device=device),
@@ -252,13 +259,12 @@ class ShardedRouter(GroupCollectives, Router):
         per_block = _segments(plan, range(len(plan.blocks)), mine)
         # Gather: (piece, run) per destination; scatter back: per segment (piece, runs, group).
         self._gather_runs: list[list[tuple[int, _Run]]] = [[] for _ in range(self.world_size)]
-        self._apply_routes: list[tuple[int, list[_Run]]] = []
-        self._send_groups: list[int] = []
+        # Per destination: (piece, runs, param group, offset of the flag in its chunk back).
+        self._applied: list[list[tuple[int, list[_Run], int, int]]] = [[] for _ in range(self.world_size)]
         self._gather_send_splits = [self._header] * self.world_size
         self._scatter_recv_splits = [0] * self.world_size
-        self._flag_slots: list[int] = []  # where each scatter flag lands in what comes back
-        position = 0
         for destination in range(self.world_size):
+            position = 0
             for b, segments in enumerate(per_block):
                 if self._owners[b] != destination:
                     continue
@@ -268,9 +274,7 @@ class ShardedRouter(GroupCollectives, Router):
                 for segment in segments:
                     runs = _runs(block, shape[1], segment.block_offset, segment.length, mine[segment.piece][1])
                     self._gather_runs[destination].extend((segment.piece, run) for run in runs)
-                    self._apply_routes.append((segment.piece, runs))
-                    self._send_groups.append(block.group_index)
-                    self._flag_slots.append(position)
+                    self._applied[destination].append((segment.piece, runs, block.group_index, position))
                     position += 1 + segment.length
                     self._gather_send_splits[destination] += segment.length
                     self._scatter_recv_splits[destination] += 1 + segment.length
@@ -383,26 +387,40 @@ class ShardedRouter(GroupCollectives, Router):
         send = self._cat(parts)
         received, work = self._exchange(send, self._scatter_send_splits, self._scatter_recv_splits, async_op=True)
         self._pending = (work, send, received, list(decays))  # send kept alive until the wait
+        self._own_applied.apply(self._pieces, send, decays)
 
     def end_step(self) -> None:
-        """Wait for the scatter (it overlapped the vectors' step) and apply what arrived."""
+        """Wait for the scatter (it overlapped this rank's own segments and the vectors' step)
+        and apply what arrived."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
         work, _, received, decays = pending
         work.wait()
-        # Every segment is applied (a block not updated arrives as zeros with factor 1): which
-        # blocks were updated is read on the device only.
-        flags = received[self._flag_index]
-        factors = self._decay_factors(flags, decays)
-        pieces = self._pieces
-        position = 0
-        for k, (piece, runs) in enumerate(self._apply_routes):
+        self._others_applied.apply(self._pieces, received, decays)
+
+
+class _Applied:
+    """Update segments applied from one scatter buffer, run by run: ``value <- factor * value +
+    delta``, the factor its group's decay where the segment's flag is set, else 1 (a block not
+    updated arrives as zeros). Every segment is applied, so no flag is read on the host."""
+
+    def __init__(self, routes: list[tuple[int, list[_Run], int, int]], device: torch.device) -> None:
+        # (piece, runs, offset of the first value in the buffer) per segment, from
+        # (piece, runs, param group, offset of the flag in the buffer)
+        self._routes = [(piece, runs, flag + 1) for piece, runs, _, flag in routes]
+        self._flag_index = torch.tensor([flag for *_, flag in routes], dtype=torch.long).to(device)
+        self._decay_factors = DecayFactors([group for _, _, group, _ in routes], device)
+
+    def apply(self, pieces: Sequence[LocalPiece], buffer: Tensor, decays: Sequence[float]) -> None:
+        if not self._routes:
+            return
+        factors = self._decay_factors(buffer[self._flag_index], decays)
+        for k, (piece, runs, position) in enumerate(self._routes):
             value = pieces[piece].value
-            position += 1
             for run in runs:
                 target = run.of(value)
-                delta = received.narrow(0, position, run.numel).view(target.shape)
+                delta = buffer.narrow(0, position, run.numel).view(target.shape)
                 position += run.numel
                 if factors is not None:
                     target.mul_(factors[k])
