@@ -8,7 +8,9 @@ lr 1e-3), or AdamW, the baseline: what each backend costs without us.
 
 Ranks are forked gloo CPU processes with one thread each (this machine has 2 cores, so
 2 ranks use both). Step time = forward + backward + optimizer step, median over the timed
-steps after warm-up. Bytes are what the optimizer's router sends and receives on rank 0
+steps after warm-up. Optimizer step CPU ms = the process CPU time of ``opt.step()`` alone
+(its gloo threads included, waits for other ranks not), median, the slowest rank: less
+sensitive than wall time to other load on the machine. Bytes are what the optimizer's router sends and receives on rank 0
 (DDP: the all-gather of packed updates; FSDP: the all-to-all of gradient pieces to owners
 and of update pieces back); the backend's own gradient all-reduce / reduce-scatter is not
 counted.
@@ -73,7 +75,7 @@ def _worker(rank: int, world: int, backend: str, name: str, cfg: dict, out: str)
     opt = ALGORITHMS[name](net.parameters(), lr=1e-3, **kwargs)
     gen = torch.Generator().manual_seed(rank)
     batch = cfg["batch"] // world
-    times = []
+    times, step_cpu = [], []
     for step in range(cfg["warmup"] + cfg["steps"]):
         x = torch.randn(batch, 64, generator=gen)
         y = torch.randint(0, 10, (batch,), generator=gen)
@@ -81,11 +83,14 @@ def _worker(rank: int, world: int, backend: str, name: str, cfg: dict, out: str)
         start = time.perf_counter()
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
+        cpu = time.process_time()
         opt.step()
         if step >= cfg["warmup"]:
+            step_cpu.append(time.process_time() - cpu)
             times.append(time.perf_counter() - start)
     result = {
         "median_ms": 1000 * statistics.median(times),
+        "step_cpu_ms": 1000 * statistics.median(step_cpu),
         "comm_bytes": getattr(getattr(opt, "_router", None), "bytes_last_step", 0),
         "state_bytes": opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
             t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
@@ -106,6 +111,7 @@ def run(cfg: dict, name: str) -> list[dict]:
             rows.append({
                 "backend": backend, "world_size": world,
                 "step_ms": max(r["median_ms"] for r in per_rank),
+                "optimizer_cpu_ms": max(r["step_cpu_ms"] for r in per_rank),
                 "comm_bytes_per_step": per_rank[0]["comm_bytes"],
                 "state_bytes_per_rank": max(r["state_bytes"] for r in per_rank),
                 "param_bytes": per_rank[0]["param_bytes"],
@@ -134,12 +140,14 @@ def report(name: str, cfg: dict, rows: list[dict], out: Path) -> None:
         f"## {name}: MLP 64-{cfg['width']}x{cfg['depth']}-10, global batch {cfg['batch']}, "
         f"{cfg['steps']} timed steps, 1 thread per rank",
         "",
-        "| backend | ranks | step ms | vs 1 process | optimizer bytes/step (rank 0) | state bytes/rank | vs 1 process |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | ranks | step ms | vs 1 process | optimizer step CPU ms | optimizer bytes/step (rank 0) "
+        "| state bytes/rank | vs 1 process |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['backend']} | {r['world_size']} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f} | "
+            f"{r['optimizer_cpu_ms']:.1f} | "
             f"{r['comm_bytes_per_step']:,} | {r['state_bytes_per_rank']:,} | "
             f"{r['state_bytes_per_rank'] / base['state_bytes_per_rank']:.2f} |"
         )

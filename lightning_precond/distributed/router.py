@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 
-__all__ = ["BlockUpdate", "CheckpointLayout", "Router", "LocalRouter", "GroupCollectives"]
+__all__ = ["BlockUpdate", "CheckpointLayout", "DecayFactors", "Router", "LocalRouter", "GroupCollectives"]
 
 
 @dataclass
@@ -71,7 +71,9 @@ class Router:
         """Called at the start of ``step()`` with the param groups it was called with."""
 
     def end_step(self) -> None:
-        """Called at the end of ``step()`` (also when it raised)."""
+        """Called at the end of ``step()`` (also when it raised), after the vectors' AdamW:
+        routers with collectives finish there the exchange :meth:`apply_updates` started, so
+        that it overlaps the vectors' step (blocks and vectors touch disjoint storage)."""
 
     def vector_pieces(self) -> list[Any] | None:
         """Where the backend keeps vectors in flat fragments (``flat_partitions``): this rank's
@@ -98,8 +100,15 @@ class Router:
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
         raise NotImplementedError
 
+    def gather(self, blocks: Sequence[Block], verdict: Tensor | None = None) -> tuple[list[Tensor | None], Tensor | None]:
+        """:meth:`block_gradients`, and ``verdict`` 's elementwise minimum over ranks when given
+        (here an all-reduce; the sharded routers carry it in their gather instead)."""
+        grads = self.block_gradients(blocks)
+        return grads, None if verdict is None else self.all_ranks_min(verdict)
+
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
-        """Apply every owner's updates; ``decays[g]`` is param group g's decay factor."""
+        """Apply every owner's updates; ``decays[g]`` is param group g's decay factor. Routers
+        with collectives may only start the exchange here and apply at :meth:`end_step`."""
         raise NotImplementedError
 
     # Whether ranks hold different pieces of the same vector (FSDP, ZeRO), so that skipping
@@ -137,6 +146,38 @@ class Router:
         """On rank ``waiter``: return once every rank has called this with ``key``, raise
         ``RuntimeError`` with ``hint`` after ``timeout`` seconds (ranks that will never join the
         collective that follows). Elsewhere: announce the arrival and return."""
+
+
+class DecayFactors:
+    """The decay factor of every block a receiver applies, on the device, with no host sync.
+
+    An owner sends a flag (1: block updated this step) with each update; the receiver
+    multiplies by its param group's ``decay`` where the flag is set, by 1 elsewhere. The
+    per-group factors are float64 (a multiply rounds them to the operand's compute type, as
+    it does a Python float in one process) and are copied to the device only when the
+    groups' values change (on CUDA from pinned memory, without waiting for the device).
+    Shared by the replicated and the sharded routers.
+    """
+
+    def __init__(self, group_of: Sequence[int], device: torch.device) -> None:
+        self._device = device
+        self._group_of = torch.tensor(list(group_of), dtype=torch.long).to(device)  # group of each flag
+        self._key: tuple[float, ...] | None = None
+        self._groups = torch.zeros(0, dtype=torch.float64)
+
+    def __call__(self, flags: Tensor, decays: Sequence[float]) -> Tensor | None:
+        """One factor per flag; ``None`` when every decay is 1 (nothing to multiply)."""
+        key = tuple(decays)
+        if all(d == 1.0 for d in key):
+            return None
+        if key != self._key:
+            host = torch.tensor(key, dtype=torch.float64)
+            if self._device.type == "cuda":
+                self._groups = host.pin_memory().to(self._device, non_blocking=True)
+            else:
+                self._groups = host.to(self._device)
+            self._key = key
+        return torch.where(flags > 0, self._groups[self._group_of], 1.0)
 
 
 def _matrix_view(param: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -10,9 +10,24 @@ ZeRO's partition fragments. A :class:`LocalPiece` describes one such range. The 
 3. scatters, with ONE ``all_to_all`` back, the update pieces to the ranks that hold them,
    which apply ``value <- decay * value + delta`` in place in the backend's storage.
 
-Within a message, each (block, sender) segment starts with one flag element (gradient
-present / block updated) followed by the elements in ascending flat order. All index maps
-are built once, at the first step, from the pieces' geometry (one ``all_gather_object``).
+A (block, piece) intersection, a *segment*, is one contiguous run of the block buffer and at
+most three rectangles of the piece (:class:`_Run`: a partial row, whole rows, a partial
+row; one run when the block spans whole rows). Every route is built once, at the first step,
+from the pieces' geometry (one ``all_gather_object``); a step then only takes views:
+
+* gather: the message is the sender's screen verdict (vectors' gradients finite, so that the
+  ranks agree on it without a collective of its own) and the segments' gradient values, one
+  ``torch.cat`` of views of the pieces' gradients; the owner assembles its blocks with one
+  ``torch.cat`` of views of what it received. A piece without a gradient sends zeros: a
+  block whose gradient is zero everywhere is skipped by the engine's screen exactly as one
+  without a gradient.
+* scatter: each segment is one flag (block updated) followed by its update values, one
+  ``torch.cat`` at the owner; the holder applies them run by run, with the decay factor of
+  the block's group where the flag is set (:class:`~.router.DecayFactors`, on the device).
+
+Per step: no host sync, no tensor built from host values (but the group decays, when they
+change) and one indexing op, of the scatter flags (index built once). The scatter completes
+in ``end_step``, overlapping the vectors' AdamW.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ from torch import Tensor
 
 from ..blocks import Block, BlockPlan
 from ..ownership import assign_owners
-from .router import BlockUpdate, GroupCollectives, Router
+from .router import BlockUpdate, DecayFactors, GroupCollectives, Router
 
 __all__ = ["LocalPiece", "ShardedRouter"]
 
@@ -54,6 +69,51 @@ class _Segment:
     length: int
 
 
+@dataclass(frozen=True)
+class _Run:
+    """``rows`` runs of ``cols`` elements, ``stride`` apart, from element ``start`` of a piece."""
+
+    start: int
+    rows: int
+    cols: int
+    stride: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def of(self, flat: Tensor) -> Tensor:
+        """This run as a view of the 1-D ``flat``: ``[cols]`` for one row, else ``[rows, cols]``."""
+        if self.rows == 1:
+            return flat.narrow(0, self.start, self.cols)
+        return flat.narrow(0, self.start, (self.rows - 1) * self.stride + self.cols).unfold(0, self.cols, self.stride)
+
+
+def _runs(block: Block, cols_total: int, offset: int, length: int, base: int) -> list[_Run]:
+    """Elements ``[offset, offset + length)`` of ``block`` (row-major) as runs of the flattened
+    parameter, counted from its element ``base``."""
+    cols = block.cols
+
+    def at(k: int) -> int:
+        row, col = divmod(k, cols)
+        return (block.row_start + row) * cols_total + block.col_start + col - base
+
+    if cols == cols_total:  # whole rows: contiguous in the parameter too
+        return [_Run(at(offset), 1, length, cols_total)]
+    runs, k, end = [], offset, offset + length
+    while k < end:
+        col = k % cols
+        if col or end - k < cols:  # a partial row
+            n = min(cols - col, end - k)
+            runs.append(_Run(at(k), 1, n, cols_total))
+            k += n
+        else:
+            rows = (end - k) // cols
+            runs.append(_Run(at(k), rows, cols, cols_total) if rows > 1 else _Run(at(k), 1, cols, cols_total))
+            k += rows * cols
+    return runs
+
+
 def _block_flat_indices(block: Block, cols_total: int) -> Tensor:
     rows = torch.arange(block.row_start, block.row_start + block.rows)
     cols = torch.arange(block.col_start, block.col_start + block.cols)
@@ -78,20 +138,28 @@ def _segments(
         block = plan.blocks[b]
         shape = plan.matrix_shapes[block.param_index]
         assert shape is not None
-        indices = _block_flat_indices(block, shape[1])
         found = []
-        for piece, start, numel in by_param.get(block.param_index, []):
-            lo = int(torch.searchsorted(indices, start))
-            hi = int(torch.searchsorted(indices, start + numel))
-            if hi > lo:  # contiguous in the block; inside the piece it strides by rows
-                found.append(_Segment(b, piece, lo, hi - lo))
+        candidates = by_param.get(block.param_index, [])
+        if candidates:
+            indices = _block_flat_indices(block, shape[1])
+            for piece, start, numel in candidates:
+                lo = int(torch.searchsorted(indices, start))
+                hi = int(torch.searchsorted(indices, start + numel))
+                if hi > lo:  # contiguous in the block; inside the piece it strides by rows
+                    found.append(_Segment(b, piece, lo, hi - lo))
         out.append(found)
     return out
 
 
-def _run_indices(indices: Tensor, segment: _Segment) -> Tensor:
-    """Flat parameter indices of a segment's elements, relative to the block buffer run."""
-    return indices[segment.block_offset : segment.block_offset + segment.length]
+def _spans(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(start, length)`` spans with neighbours merged where one ends where the next starts."""
+    merged: list[tuple[int, int]] = []
+    for start, length in parts:
+        if merged and merged[-1][0] >= 0 and start >= 0 and sum(merged[-1]) == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        else:
+            merged.append((start, length))
+    return merged
 
 
 class ShardedRouter(GroupCollectives, Router):
@@ -107,6 +175,7 @@ class ShardedRouter(GroupCollectives, Router):
         self.world_size = dist.get_world_size(group)
         self.communication_dtype = communication_dtype
         self.bytes_last_step = 0
+        self._pending: tuple[Any, Tensor, Tensor, list[float]] | None = None  # the scatter in flight
 
     # -- what subclasses provide ------------------------------------------------------
     def global_shapes(self, params: Sequence[Tensor]) -> list[tuple[int, ...]]:
@@ -153,8 +222,6 @@ class ShardedRouter(GroupCollectives, Router):
         mine = [(p.param_index, p.flat_start, p.numel) for p in pieces]
         if everyone is None:
             everyone = self._geometry_of_all_ranks(pieces)
-        self._piece_sizes = [p.numel for p in pieces]
-        self._piece_starts = torch.tensor([0, *torch.tensor(self._piece_sizes, dtype=torch.long).cumsum(0).tolist()])
         self._owned = [b for b in blocks if owners[b] == self.rank]
         self._owned_offsets: dict[int, int] = {}
         total = 0
@@ -162,152 +229,199 @@ class ShardedRouter(GroupCollectives, Router):
             self._owned_offsets[b] = total
             total += plan.blocks[b].rows * plan.blocks[b].cols
         self._owned_numel = total
-        self._build_send(plan, pieces, mine)
-        self._build_receive(plan, everyone)
         self._index_of = {block.id: i for i, block in enumerate(plan.blocks)}
-        self._to_device(pieces[0].value.device if pieces else torch.device("cpu"))
+        # Each gather message starts with the sender's screen verdict (one per parameter, and
+        # one for the blocks), so that ranks agree on it without a collective of its own.
+        self._header = len(plan.matrix_shapes) + 1
+        self._build_send(plan, mine)
+        self._build_receive(plan, everyone)
+        device = pieces[0].value.device if pieces else torch.device("cpu")
+        self._device = device
+        # Scatter: the segments this rank owns come back from itself, identical to what it
+        # sends itself: applied from the send buffer while the others' travel.
+        sent_at = sum(self._scatter_send_splits[: self.rank])  # this rank's chunk of its own message
+        self._own_applied = _Applied([(piece, runs, group, sent_at + flag)
+                                      for piece, runs, group, flag in self._applied[self.rank]], device)
+        received_at = [sum(self._scatter_recv_splits[:d]) for d in range(self.world_size)]
+        self._others_applied = _Applied([(piece, runs, group, received_at[d] + flag)
+                                         for d, routes in enumerate(self._applied) if d != self.rank
+                                         for piece, runs, group, flag in routes], device)
+        dtype = self.communication_dtype
+        # The flags of the scatter message, sliced (never written) into it.
+        self._flag_values = {False: torch.zeros(1, dtype=dtype, device=device),
+                             True: torch.ones(1, dtype=dtype, device=device)}
+        self._zeros = torch.zeros(0, dtype=dtype, device=device)
+        self._ones = torch.ones(0, dtype=dtype, device=device)
 
-    def _to_device(self, device: torch.device) -> None:
-        """Turn the masks into index tensors on the pieces' device, once."""
-        lengths = torch.tensor([s.length for s in self._send_segments], dtype=torch.long)
-        values_at = self._send_value_mask.nonzero().squeeze(-1)
-        self._send_values_at = values_at.to(device)
-        self._send_local = self._send_index[values_at].to(device)
-        self._send_value_segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
-        self._segment_group = torch.tensor(
-            [self._plan.blocks[s.block_index].group_index for s in self._send_segments], dtype=torch.long
-        ).to(device)
-        self._send_gather = self._send_index.clamp_min(0).to(device)
-        self._send_flag_slots = self._send_flag_slots.to(device)
-        self._recv_values_at = self._recv_value_mask.nonzero().squeeze(-1).to(device)
-        self._recv_positions = self._recv_positions.to(device)
-        self._recv_flag_slots = self._recv_flag_slots.to(device)
-
-    def _build_send(self, plan: BlockPlan, pieces: list[LocalPiece], mine: list[tuple[int, int, int]]) -> None:
-        """Where each element this rank sends comes from in its concatenated local pieces."""
+    def _build_send(self, plan: BlockPlan, mine: list[tuple[int, int, int]]) -> None:
+        """The segments this rank holds, in message order (by owner, then block, then piece),
+        with their runs in the local pieces."""
         per_block = _segments(plan, range(len(plan.blocks)), mine)
-        order: list[_Segment] = []
-        splits = [0] * self.world_size
+        # Gather: (piece, run) per destination; scatter back: per segment (piece, runs, group).
+        self._gather_runs: list[list[tuple[int, _Run]]] = [[] for _ in range(self.world_size)]
+        # Per destination: (piece, runs, param group, offset of the flag in its chunk back).
+        self._applied: list[list[tuple[int, list[_Run], int, int]]] = [[] for _ in range(self.world_size)]
+        self._gather_send_splits = [self._header] * self.world_size
+        self._scatter_recv_splits = [0] * self.world_size
         for destination in range(self.world_size):
+            position = 0
             for b, segments in enumerate(per_block):
                 if self._owners[b] != destination:
                     continue
+                block = plan.blocks[b]
+                shape = plan.matrix_shapes[block.param_index]
+                assert shape is not None
                 for segment in segments:
-                    order.append(segment)
-                    splits[destination] += 1 + segment.length
-        self._send_segments = order
-        self._send_splits = splits
-        local_index, flag_slots, position = [], [], 0
-        for segment in order:
-            block = plan.blocks[segment.block_index]
-            shape = plan.matrix_shapes[block.param_index]
-            assert shape is not None
-            flat = _run_indices(_block_flat_indices(block, shape[1]), segment)
-            start = mine[segment.piece][1]
-            flag_slots.append(position)
-            local_index.append(torch.tensor([-1]))  # placeholder for the flag
-            local_index.append(flat - start + int(self._piece_starts[segment.piece]))
-            position += 1 + segment.length
-        self._send_index = torch.cat(local_index) if local_index else torch.zeros(0, dtype=torch.long)
-        self._send_flag_slots = torch.tensor(flag_slots, dtype=torch.long)
-        self._send_value_mask = torch.ones(position, dtype=torch.bool)
-        self._send_value_mask[self._send_flag_slots] = False
+                    runs = _runs(block, shape[1], segment.block_offset, segment.length, mine[segment.piece][1])
+                    self._gather_runs[destination].extend((segment.piece, run) for run in runs)
+                    self._applied[destination].append((segment.piece, runs, block.group_index, position))
+                    position += 1 + segment.length
+                    self._gather_send_splits[destination] += segment.length
+                    self._scatter_recv_splits[destination] += 1 + segment.length
 
     def _build_receive(self, plan: BlockPlan, everyone: list[Any]) -> None:
-        """Where each element this rank receives goes in its owned-block buffer."""
-        positions, flag_slots, flag_blocks, position = [], [], [], 0
-        splits = [0] * self.world_size
+        """Where each segment this rank receives (as owner) sits in its owned-block buffer."""
+        placed = []  # (offset in the owned buffer, offset in the gather message, length)
+        self._return_route: list[tuple[int, int, int]] = []  # scatter: (block, block offset, length)
+        gather_splits = [self._header] * self.world_size
+        scatter_splits = [0] * self.world_size
+        self._headers_at: list[int] = []  # where each source's verdict sits in the gather message
+        position = 0
         for source in range(self.world_size):
+            self._headers_at.append(position)
+            position += self._header
             per_block = _segments(plan, range(len(plan.blocks)), everyone[source])
             for b, segments in enumerate(per_block):
-                if self._owners[b] != self.rank:
+                if self._owners[b] != self.rank or b not in self._owned_offsets:
                     continue
                 for segment in segments:
-                    flag_slots.append(position)
-                    flag_blocks.append(b)
-                    start = self._owned_offsets[b] + segment.block_offset
-                    positions.append(torch.arange(start, start + segment.length))
-                    position += 1 + segment.length
-                    splits[source] += 1 + segment.length
-        self._recv_splits = splits
-        self._recv_positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
-        self._recv_flag_slots = torch.tensor(flag_slots, dtype=torch.long)
-        self._recv_flag_blocks = flag_blocks
-        self._recv_value_mask = torch.ones(position, dtype=torch.bool)
-        self._recv_value_mask[self._recv_flag_slots] = False
+                    placed.append((self._owned_offsets[b] + segment.block_offset, position, segment.length))
+                    self._return_route.append((b, segment.block_offset, segment.length))
+                    position += segment.length
+                    gather_splits[source] += segment.length
+                    scatter_splits[source] += 1 + segment.length
+        self._gather_recv_splits = gather_splits
+        self._scatter_send_splits = scatter_splits
+        # The owned buffer as spans of the received message in order, zeros (start -1) where
+        # no rank holds an element. Sharded pieces tile each parameter; replicas (FSDP1's
+        # NO_SHARD) overlap with equal values, and the last rank's are taken.
+        spans, filled = [], 0
+        for owned_at, at, length in sorted(placed, key=lambda p: (p[0], -p[1])):
+            skip = min(max(filled - owned_at, 0), length)
+            owned_at, at, length = owned_at + skip, at + skip, length - skip
+            if length == 0:
+                continue
+            if owned_at > filled:
+                spans.append((-1, owned_at - filled))
+            spans.append((at, length))
+            filled = owned_at + length
+        if filled < self._owned_numel:
+            spans.append((-1, self._owned_numel - filled))
+        self._owned_spans = _spans(spans)
 
     # -- the step -----------------------------------------------------------------------
-    def _exchange(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+    def _exchange(self, send: Tensor, send_splits: list[int], recv_splits: list[int],
+                  async_op: bool = False) -> tuple[Tensor, Any]:
         received = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
-        dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.group)
+        work = dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.group, async_op=async_op)
         self.bytes_last_step += (send.numel() + received.numel()) * send.element_size()
-        return received
+        return received, work
+
+    def _zeros_of(self, numel: int) -> Tensor:
+        """``numel`` zeros to slice into a message (kept: never written)."""
+        if self._zeros.numel() < numel:
+            self._zeros = torch.zeros(numel, dtype=self.communication_dtype, device=self._device)
+        return self._zeros[:numel]
+
+    def _ones_of(self, numel: int) -> Tensor:
+        """``numel`` ones (a verdict that agrees to everything), kept: never written."""
+        if self._ones.numel() < numel:
+            self._ones = torch.ones(numel, dtype=self.communication_dtype, device=self._device)
+        return self._ones[:numel]
+
+    def _cat(self, parts: list[Tensor]) -> Tensor:
+        if not parts:
+            return torch.zeros(0, dtype=self.communication_dtype, device=self._device)
+        return torch.cat(parts)
 
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
+        return self.gather(blocks)[0]
+
+    def gather(self, blocks: Sequence[Block], verdict: Tensor | None = None) -> tuple[list[Tensor | None], Tensor | None]:
+        """Every owned block's gradient (zeros where no rank holds one: the screen skips an
+        all-zero block as it skips a missing one), ``None`` for blocks routed elsewhere; and
+        the minimum over ranks of ``verdict`` (``[num_params + 1]``), carried in the message."""
         self.bytes_last_step = 0
         pieces = self.local_pieces()
         self._pieces = pieces
         dtype = self.communication_dtype
-        device = pieces[0].value.device if pieces else torch.device("cpu")
-        grads = [
-            p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel, dtype=dtype, device=device)
-            for p in pieces
-        ]
-        local = torch.cat([*grads, torch.zeros(1, dtype=dtype, device=device)])
-        present = torch.tensor(
-            [pieces[s.piece].grad is not None for s in self._send_segments], dtype=dtype, device=device
-        )
-        send = local[self._send_gather]
-        send[self._send_flag_slots] = present
-        received = self._exchange(send, self._send_splits, self._recv_splits)
-        owned = torch.zeros(self._owned_numel, dtype=dtype, device=device)
-        owned[self._recv_positions] = received[self._recv_values_at]
-        flags = received[self._recv_flag_slots].tolist()  # one host sync: which blocks have gradients
-        has_grad = {b: False for b in self._owned}
-        for b, flag in zip(self._recv_flag_blocks, flags):
-            has_grad[b] = has_grad[b] or bool(flag)
-        self._owned_buffer = owned
+        grads = [p.grad.reshape(-1).to(dtype) if p.grad is not None else None for p in pieces]
+        header = self._ones_of(self._header) if verdict is None else verdict.to(device=self._device, dtype=dtype)
+        parts = []
+        for runs in self._gather_runs:
+            parts.append(header)
+            for piece, run in runs:
+                grad = grads[piece]
+                parts.append(self._zeros_of(run.numel) if grad is None else run.of(grad).reshape(-1))
+        received, _ = self._exchange(self._cat(parts), self._gather_send_splits, self._gather_recv_splits)
+        owned = self._cat([received.narrow(0, at, length) if at >= 0 else self._zeros_of(length)
+                           for at, length in self._owned_spans])
+        agreed = None
+        if verdict is not None:
+            agreed = torch.stack([received.narrow(0, at, self._header) for at in self._headers_at]).amin(0)
         out: list[Tensor | None] = []
         for block in blocks:
-            b = self._index_of[block.id]
-            if not has_grad.get(b, False):
-                out.append(None)
-                continue
-            start = self._owned_offsets[b]
-            out.append(owned[start : start + block.rows * block.cols].view(block.rows, block.cols))
-        return out
+            start = self._owned_offsets.get(self._index_of[block.id])
+            out.append(None if start is None else owned[start : start + block.rows * block.cols].view(block.shape))
+        return out, agreed
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
-        device = self._owned_buffer.device
         dtype = self.communication_dtype
-        owned = torch.zeros(self._owned_numel, dtype=dtype, device=device)
-        updated: set[int] = set()
-        for update in updates:
-            b = self._index_of[update.block.id]
-            start = self._owned_offsets[b]
-            owned[start : start + update.delta.numel()] = update.delta.reshape(-1)
-            updated.add(b)
+        deltas = {self._index_of[u.block.id]: u.delta.reshape(-1).to(dtype) for u in updates}
         # Back along the reversed routes: what came from rank s goes back to rank s.
-        send = torch.empty(sum(self._recv_splits), dtype=dtype, device=device)
-        send[self._recv_values_at] = owned[self._recv_positions]
-        send[self._recv_flag_slots] = torch.tensor(
-            [b in updated for b in self._recv_flag_blocks], dtype=dtype, device=device
-        )
-        received = self._exchange(send, self._recv_splits, self._send_splits)
-        # Decay only the elements of updated blocks; all index work stays on the device.
-        updated_segment = received[self._send_flag_slots] > 0
-        group_decay = torch.tensor(list(decays), dtype=dtype, device=device)[self._segment_group]
-        segment_decay = torch.where(updated_segment, group_decay, torch.ones_like(group_decay))
-        pieces = self._pieces
-        starts = self._piece_starts.tolist()
-        total = starts[-1]
-        delta = torch.zeros(total + 1, dtype=dtype, device=device)
-        decay = torch.ones(total + 1, dtype=dtype, device=device)
-        delta[self._send_local] = received[self._send_values_at]
-        decay[self._send_local] = segment_decay[self._send_value_segment]
-        for i, piece in enumerate(pieces):
-            if piece.numel == 0:
-                continue
-            lo, hi = starts[i], starts[i + 1]
-            piece.value.mul_(decay[lo:hi].to(piece.value.dtype)).add_(delta[lo:hi].to(piece.value.dtype))
+        parts = []
+        for b, offset, length in self._return_route:
+            delta = deltas.get(b)
+            parts.append(self._flag_values[delta is not None])
+            parts.append(self._zeros_of(length) if delta is None else delta.narrow(0, offset, length))
+        send = self._cat(parts)
+        received, work = self._exchange(send, self._scatter_send_splits, self._scatter_recv_splits, async_op=True)
+        self._pending = (work, send, received, list(decays))  # send kept alive until the wait
+        self._own_applied.apply(self._pieces, send, decays)
 
+    def end_step(self) -> None:
+        """Wait for the scatter (it overlapped this rank's own segments and the vectors' step)
+        and apply what arrived."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        work, _, received, decays = pending
+        work.wait()
+        self._others_applied.apply(self._pieces, received, decays)
+
+
+class _Applied:
+    """Update segments applied from one scatter buffer, run by run: ``value <- factor * value +
+    delta``, the factor its group's decay where the segment's flag is set, else 1 (a block not
+    updated arrives as zeros). Every segment is applied, so no flag is read on the host."""
+
+    def __init__(self, routes: list[tuple[int, list[_Run], int, int]], device: torch.device) -> None:
+        # (piece, runs, offset of the first value in the buffer) per segment, from
+        # (piece, runs, param group, offset of the flag in the buffer)
+        self._routes = [(piece, runs, flag + 1) for piece, runs, _, flag in routes]
+        self._flag_index = torch.tensor([flag for *_, flag in routes], dtype=torch.long).to(device)
+        self._decay_factors = DecayFactors([group for _, _, group, _ in routes], device)
+
+    def apply(self, pieces: Sequence[LocalPiece], buffer: Tensor, decays: Sequence[float]) -> None:
+        if not self._routes:
+            return
+        factors = self._decay_factors(buffer[self._flag_index], decays)
+        for k, (piece, runs, position) in enumerate(self._routes):
+            value = pieces[piece].value
+            for run in runs:
+                target = run.of(value)
+                delta = buffer.narrow(0, position, run.numel).view(target.shape)
+                position += run.numel
+                if factors is not None:
+                    target.mul_(factors[k])
+                target.add_(delta.to(target.dtype))

@@ -374,11 +374,15 @@ class ZeroRouter(GroupCollectives, Router):
         return self._units[self._active]
 
     def block_gradients(self, blocks: Sequence[Block]) -> list[Tensor | None]:
-        """Gradients of the blocks of the stepping (sub-)group; ``None`` for all others."""
+        return self.gather(blocks)[0]
+
+    def gather(self, blocks: Sequence[Block], verdict: Tensor | None = None) -> tuple[list[Tensor | None], Tensor | None]:
+        """Gradients of the blocks of the stepping (sub-)group, ``None`` for all others; and
+        ``verdict`` agreed over ranks in the same message."""
         unit = self._unit()
-        grads = unit.block_gradients(blocks)
+        grads, agreed = unit.gather(blocks, verdict)
         self.bytes_last_step += unit.bytes_last_step
-        return grads
+        return grads, agreed
 
     def apply_updates(self, updates: Sequence[BlockUpdate], decays: Sequence[float]) -> None:
         unit = self._unit()
@@ -408,5 +412,9 @@ class ZeroRouter(GroupCollectives, Router):
         )
 
     def end_step(self) -> None:
-        self._active = None
+        try:
+            if self._active is not None:
+                self._units[self._active].end_step()  # the stepping unit's updates, still in flight
+        finally:
+            self._active = None
 

@@ -29,7 +29,7 @@ from .buckets import Bucket, selected
 from .groups import PLAN_KEYS, check_group_keys, check_plan_keys, plan_limits, plan_values
 from .refresh import RefreshedFactor, RefreshPolicy
 from .stats import FactorStats, factor_stats, stats_order
-from .screen import VectorWork, screen
+from .screen import VectorWork, must_agree, screen, vector_checks
 from .vectors import adamw_step, zero_adamw_state
 
 __all__ = ["PreconditionedOptimizer"]
@@ -301,15 +301,20 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._check_gradients()
         self._setup()
         configs = [self._config(gi) for gi in range(len(self._groups()))]
-        assert self._router is not None
+        assert self._router is not None and self._plan is not None
         self._check_params_unchanged()
         self._check_plan_unchanged()
         self._steps_taken += 1
         self._router.begin_step(self.param_groups)
         try:
-            work = self._block_work()
             vectors = self._vector_work()
-            finite, used, vectors_finite = self._screen(work, vectors)
+            policy = self.options.nonfinite_grad
+            vector_ok, verdict = vector_checks(vectors, len(self._plan.matrix_shapes), self._device(vectors),
+                                               must_agree(policy, self._router))
+            # The gather carries the vectors' verdict to every rank; under "raise" the screen's
+            # all-reduce agrees on it with the blocks'.
+            work, agreed = self._block_work(verdict if policy != "raise" else None)
+            finite, used, vectors_finite = self._screen(work, vectors, vector_ok, verdict, agreed)
             self._step_blocks(work, finite, used, configs)
             self._step_vectors(vectors, vectors_finite, configs)
         finally:
@@ -353,12 +358,20 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                         f"shape {tuple(p.shape)}"
                     )
 
-    def _block_work(self) -> list[tuple[Bucket, list[int], Tensor]]:
-        """Per bucket: the rows with a gradient and their gradients stacked ``[k, m, n]``."""
+    def _device(self, vectors: list[VectorWork]) -> torch.device:
+        """Where this step's checks live: the vectors' gradients', else the parameters'."""
+        if vectors:
+            return vectors[0].grad.device
+        params = self._all_params()
+        return params[0].device if params else torch.device("cpu")
+
+    def _block_work(self, verdict: Tensor | None = None) -> tuple[list[tuple[Bucket, list[int], Tensor]], Tensor | None]:
+        """Per bucket: the rows with a gradient and their gradients stacked ``[k, m, n]``; and
+        ``verdict``'s minimum over ranks when given (see :meth:`Router.gather`)."""
         assert self._router is not None
         work = []
         # One call for every owned block: routers with collectives make one per step.
-        all_grads = self._router.block_gradients([b for bucket in self._buckets for b in bucket.blocks])
+        all_grads, agreed = self._router.gather([b for bucket in self._buckets for b in bucket.blocks], verdict)
         offset = 0
         for bucket in self._buckets:
             grads = all_grads[offset : offset + len(bucket.blocks)]
@@ -371,7 +384,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             if self.options.maximize:
                 stacked = stacked.neg()  # ascend: the algorithm sees -G (exact, as torch.optim's maximize)
             work.append((bucket, present, stacked))
-        return work
+        return work, agreed
 
     def _vector_work(self) -> list[VectorWork]:
         """The vectors (and unblocked parameters) with a gradient on this rank."""
@@ -394,11 +407,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         return out
 
     def _screen(
-        self, work: list[tuple[Bucket, list[int], Tensor]], vectors: list[VectorWork]
+        self, work: list[tuple[Bucket, list[int], Tensor]], vectors: list[VectorWork], vector_ok: Tensor,
+        verdict: Tensor, agreed: Tensor | None,
     ) -> tuple[list[bool], list[bool], list[bool]]:
-        assert self._router is not None and self._plan is not None
+        assert self._router is not None
         return screen(work, vectors, self.algorithm.gradient_headroom, self.options.nonfinite_grad, self._router,
-                      len(self._plan.matrix_shapes), self._name_of_index)
+                      self._name_of_index, vector_ok, verdict, agreed)
 
     def _step_blocks(self, work: list[tuple[Bucket, list[int], Tensor]], finite: list[bool], used: list[bool],
                      configs: list[GroupConfig]) -> None:

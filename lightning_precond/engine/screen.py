@@ -3,6 +3,7 @@ changes, with the ranks' verdicts agreed in one small all-reduce where they must
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from torch import Tensor
 from ..distributed.router import Router
 from .buckets import Bucket
 
-__all__ = ["VectorWork", "screen"]
+__all__ = ["VectorWork", "must_agree", "screen", "vector_checks"]
 
 
 @dataclass
@@ -33,19 +34,53 @@ def _local(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+@functools.lru_cache(maxsize=16)
+def _positions(indices: tuple[int, ...], device: torch.device) -> Tensor:
+    """``indices`` as a tensor on ``device``, built once per set of vectors (not every step)."""
+    return torch.tensor(indices, device=device)
+
+
+def vector_checks(
+    vectors: list[VectorWork], num_params: int, device: torch.device, agree: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Whether each vector's gradient here is finite, and where ranks must ``agree`` this
+    rank's verdict: ``[1 (blocks: checked by the screen), then per parameter: its vector
+    pieces here finite]``. Device tensors, read by nobody yet: a router may carry the verdict
+    in its gather."""
+    vector_ok = torch.stack([torch.isfinite(_local(v.grad)).all() for v in vectors]).float() if vectors \
+        else torch.zeros(0, device=device)
+    if not agree:
+        return vector_ok, None
+    verdict = torch.ones(num_params + 1, device=device)
+    if vectors:
+        index = _positions(tuple(1 + v.param_index for v in vectors), device)
+        verdict.scatter_reduce_(0, index, vector_ok, reduce="amin")
+    return vector_ok, verdict
+
+
+def must_agree(policy: str, router: Router) -> bool:
+    """Whether ranks must agree on the verdicts (``nonfinite_grad="raise"``, or vectors
+    sharded across ranks)."""
+    return policy == "raise" or (router.vectors_sharded and router.world_size > 1)
+
+
 def screen(
     work: list[tuple[Bucket, list[int], Tensor]],
     vectors: list[VectorWork],
     headroom: float,
     policy: str,
     router: Router,
-    num_params: int,
     name_of: Callable[[int], str],
+    vector_ok: Tensor,
+    verdict: Tensor | None,
+    agreed: Tensor | None = None,
 ) -> tuple[list[bool], list[bool], list[bool]]:
     """Whether each block's gradient is usable (finite, and small enough that no statistic
     can overflow), whether it is not all zeros, and whether each vector's gradient is
-    finite: one host sync per step for all of them; ranks agree through one small
-    all-reduce where they must (``nonfinite_grad="raise"``, or vectors sharded across ranks).
+    finite (``vector_ok``, ``verdict``: from :func:`vector_checks`): one host sync per step
+    for all of them. Where ranks must agree (:func:`must_agree`), ``agreed`` is ``verdict``'s
+    minimum over ranks as the router's gather carried it (vectors only), else the ranks
+    agree here through one small all-reduce (``nonfinite_grad="raise"``: blocks too).
 
     A block whose gradient is all zeros is treated as having no gradient: it carries
     nothing to learn from and would give SOAP a basis of zeros (Lightning's and DCP's
@@ -56,20 +91,17 @@ def screen(
         flat = g.flatten(1)
         usable_parts.append(torch.isfinite(flat).all(dim=1) & torch.isfinite(flat.square().sum(dim=1) * headroom))
         nonzero_parts.append(flat.ne(0).any(dim=1))
-    device = work[0][2].device if work else (vectors[0].grad.device if vectors else torch.device("cpu"))
+    device = vector_ok.device
     usable = torch.cat(usable_parts).float() if work else torch.zeros(0, device=device)
     nonzero = torch.cat(nonzero_parts).float() if work else torch.zeros(0, device=device)
-    vector_ok = torch.stack([torch.isfinite(_local(v.grad)).all() for v in vectors]).float() if vectors \
-        else torch.zeros(0, device=device)
     parts = [usable, nonzero, vector_ok]
-    if policy == "raise" or (router.vectors_sharded and router.world_size > 1):
-        # Every rank's verdict: [all blocks usable, then per parameter: its vector pieces here finite].
-        verdict = torch.ones(num_params + 1, device=device)
-        verdict[0] = usable.min() if usable.numel() else 1.0
-        if vectors:
-            index = torch.tensor([1 + v.param_index for v in vectors], device=device)
-            verdict.scatter_reduce_(0, index, vector_ok, reduce="amin")
-        parts.append(router.all_ranks_min(verdict))
+    if verdict is not None:  # ranks must agree (see must_agree)
+        if agreed is None:
+            # Every rank's verdict: [all blocks usable, then per parameter: its vector pieces here finite].
+            verdict = verdict.clone()
+            verdict[0] = usable.min() if usable.numel() else 1.0
+            agreed = router.all_ranks_min(verdict)
+        parts.append(agreed.to(device=usable.device, dtype=usable.dtype))
     flags = torch.cat(parts).tolist()  # the one host sync
     n, k = usable.numel(), vector_ok.numel()
     finite = [f > 0 for f in flags[:n]]

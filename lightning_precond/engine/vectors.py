@@ -28,6 +28,19 @@ def zero_adamw_state(p: Tensor) -> dict[str, Tensor]:
     }
 
 
+def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The local shards when all of ``tensors`` are DTensors laid out alike (FSDP2), else the
+    tensors: AdamW is elementwise, so each shard steps as the whole would (the same kernels,
+    without DTensor's dispatch per operation)."""
+    first = tensors[0]
+    if type(first).__name__ != "DTensor":
+        return tensors
+    if any(type(t).__name__ != "DTensor" or t.placements != first.placements or t.device_mesh != first.device_mesh
+           or t.shape != first.shape for t in tensors[1:]):
+        return tensors
+    return tuple(t.to_local() for t in tensors)
+
+
 def adamw_step(
     items: Iterable[tuple[Tensor, Tensor, MutableMapping[str, Tensor]]],
     config: Any,
@@ -43,10 +56,11 @@ def adamw_step(
     weight_decay``, applied where AdamW applies its own (before the Adam step)."""
     values, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
     for value, grad, state in items:
+        value, grad, exp_avg, exp_avg_sq = _local_shards(value, grad, state["exp_avg"], state["exp_avg_sq"])
         values.append(value)
         grads.append(grad)
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
+        exp_avgs.append(exp_avg)
+        exp_avg_sqs.append(exp_avg_sq)
         steps.append(state["step"])
     if not values:
         return
