@@ -29,7 +29,7 @@ from .buckets import Bucket, selected
 from .groups import PLAN_KEYS, check_group_keys, check_plan_keys, plan_limits, plan_values
 from .refresh import RefreshedFactor, RefreshPolicy
 from .stats import FactorStats, factor_stats, stats_order
-from .screen import VectorWork, must_agree, screen, vector_checks
+from .screen import PositionCache, VectorWork, must_agree, screen, vector_checks
 from .vectors import adamw_step, zero_adamw_state
 
 __all__ = ["PreconditionedOptimizer"]
@@ -79,6 +79,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         # Vectors held as flat fragments (DeepSpeed ZeRO): param index -> (flat start, AdamW state).
         self._fragment_state: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._router: Router | None = None
+        self._vector_positions: PositionCache = {}  # the screen's index tensors, built once
         self._buckets: list[Bucket] = []
         self._owners: list[int] = []  # owner of each planned block
         self._planned_blocks: tuple[Block, ...] = ()
@@ -310,7 +311,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             vectors = self._vector_work()
             policy = self.options.nonfinite_grad
             vector_ok, verdict = vector_checks(vectors, len(self._plan.matrix_shapes), self._device(vectors),
-                                               must_agree(policy, self._router))
+                                               must_agree(policy, self._router), self._vector_positions)
             # The gather carries the vectors' verdict to every rank; under "raise" the screen's
             # all-reduce agrees on it with the blocks'.
             work, agreed = self._block_work(verdict if policy != "raise" else None)

@@ -3,7 +3,6 @@ changes, with the ranks' verdicts agreed in one small all-reduce where they must
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from torch import Tensor
 from ..distributed.router import Router
 from .buckets import Bucket
 
-__all__ = ["VectorWork", "must_agree", "screen", "vector_checks"]
+__all__ = ["PositionCache", "VectorWork", "must_agree", "screen", "vector_checks"]
 
 
 @dataclass
@@ -34,26 +33,28 @@ def _local(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-@functools.lru_cache(maxsize=16)
-def _positions(indices: tuple[int, ...], device: torch.device) -> Tensor:
-    """``indices`` as a tensor on ``device``, built once per set of vectors (not every step)."""
-    return torch.tensor(indices, device=device)
+#: The verdict positions of a set of vectors on a device, built once per set, not every step;
+#: owned by the caller (one per optimizer), so that nothing is cached at module level.
+PositionCache = dict[tuple[tuple[int, ...], torch.device], Tensor]
 
 
 def vector_checks(
-    vectors: list[VectorWork], num_params: int, device: torch.device, agree: bool
+    vectors: list[VectorWork], num_params: int, device: torch.device, agree: bool, positions: PositionCache
 ) -> tuple[Tensor, Tensor | None]:
     """Whether each vector's gradient here is finite, and where ranks must ``agree`` this
     rank's verdict: ``[1 (blocks: checked by the screen), then per parameter: its vector
     pieces here finite]``. Device tensors, read by nobody yet: a router may carry the verdict
-    in its gather."""
+    in its gather. ``positions``: the caller's cache of index tensors."""
     vector_ok = torch.stack([torch.isfinite(_local(v.grad)).all() for v in vectors]).float() if vectors \
         else torch.zeros(0, device=device)
     if not agree:
         return vector_ok, None
     verdict = torch.ones(num_params + 1, device=device)
     if vectors:
-        index = _positions(tuple(1 + v.param_index for v in vectors), device)
+        key = (tuple(1 + v.param_index for v in vectors), device)
+        index = positions.get(key)
+        if index is None:
+            index = positions[key] = torch.tensor(key[0], device=device)
         verdict.scatter_reduce_(0, index, vector_ok, reduce="amin")
     return vector_ok, verdict
 
