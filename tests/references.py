@@ -350,17 +350,19 @@ def muon(w: Tensor, grad_fn: GradFn, steps: int, lr: float, momentum: float = 0.
 
 
 def asgo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, b2: float, eps: float, wd: float,
-         freq: int, start: int = 1, side: str = "smaller") -> list[Tensor]:
+         freq: int, start: int = 1, side: str = "smaller", eigenvalues: str = "refresh") -> list[Tensor]:
     """ASGO / one-sided Shampoo on the ``side`` of W ("smaller": rows unless W is taller than
-    wide): V = EMA(G G^T) (or G^T G), P = (V_hat^{1/2} + eps I)^{-1} as a matrix function,
-    recomputed every ``freq`` steps from ``start``; U = P M_hat (or M_hat P)."""
+    wide): V = EMA(G G^T) (or G^T G), (lambda, Q) = eigh(V_hat) every ``freq`` steps from
+    ``start``; U = P M_hat (or M_hat P) with P = Q diag(1 / (sqrt(d) + eps)) Q^T, where d is
+    the refresh's lambda (``eigenvalues="refresh"``: P = (V_hat^{1/2} + eps I)^{-1} of the last
+    refresh) or ``diag(Q^T V_hat_t Q)`` with this step's V_hat (``"current"``)."""
     rows, cols = w.shape
     left = side == "left" or (side == "smaller" and rows <= cols)
     d = rows if left else cols
     v = torch.zeros(d, d, dtype=w.dtype)
     m = torch.zeros_like(w)
     weight = 0.0
-    root = None
+    values = basis = None
     out = []
     for t in range(1, steps + 1):
         g = grad_fn(w)
@@ -368,13 +370,14 @@ def asgo(w: Tensor, grad_fn: GradFn, steps: int, lr: float, b1: float, b2: float
         v = v + outer if b2 == 1.0 else b2 * v + (1 - b2) * outer
         weight = 1.0 if b2 == 1.0 else b2 * weight + (1 - b2)
         if t >= start and (t - start) % freq == 0:
-            values, vectors = torch.linalg.eigh(v / weight)
-            root = vectors @ torch.diag(1.0 / (values.clamp_min(0).sqrt() + eps)) @ vectors.T
+            values, basis = torch.linalg.eigh(v / weight)
         m = b1 * m + (1 - b1) * g
         m_hat = m / (1 - b1**t)
         if t < start:
             u = m_hat
         else:
+            scale = torch.diagonal(basis.T @ (v / weight) @ basis) if eigenvalues == "current" else values
+            root = basis @ torch.diag(1.0 / (scale.clamp_min(0).sqrt() + eps)) @ basis.T
             u = root @ m_hat if left else m_hat @ root
         w = (1 - lr * wd) * w - lr * u
         out.append(w)
