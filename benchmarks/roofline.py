@@ -25,7 +25,8 @@ What is measured (one process, ``--threads`` intra-op threads, default 1)
                               products, two projections in, two out
   Shampoo                     ``G G^T``, ``G^T G``, ``L^-p G``, ``(.) R^-p``
   Muon                        5 Newton-Schulz iterations of 3 products on the short side
-  ASGO and one-sided presets  ``G G^T`` and ``V^-1/2 G`` on the preconditioned side
+  ASGO and one-sided presets  ``G G^T``, ``V^-1/2 G`` and (``eigenvalues="current"``, the
+                              default) ``V Q`` for ``diag(Q^T V Q)``, on the preconditioned side
   =========================== ==========================================================
 
   Both are timed in float32 and (``--low-precision``, default bfloat16) the essentials also in
@@ -98,10 +99,10 @@ def _essentials(name: str, shapes: Sequence[Shape], dtype: torch.dtype, device: 
                     x = x + b @ x
 
             calls.append(newton_schulz)
-        else:  # one-sided: the smaller side's statistics and its application
+        else:  # one-sided: the smaller side's statistics, this step's eigenvalues, the application
             x = g if m <= n else g.mT
-            v = rand(min(m, n), min(m, n))
-            calls.append(lambda x=x, v=v: (x @ x.mT, v @ x))
+            v, q = rand(min(m, n), min(m, n)), rand(min(m, n), min(m, n))
+            calls.append(lambda x=x, v=v, q=q: (x @ x.mT, v @ q, v @ x))
 
     def run() -> None:
         for call in calls:
@@ -125,7 +126,7 @@ def essential_flops(name: str, shapes: Sequence[Shape]) -> float:
             total += 5 * (s * s * l_ + s * s * s + s * s * l_)
         else:
             s, l_ = min(m, n), max(m, n)
-            total += 2 * s * s * l_
+            total += 2 * s * s * l_ + s**3
     return 2.0 * total
 
 

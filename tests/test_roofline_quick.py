@@ -36,6 +36,7 @@ def test_essential_flops_count_the_listed_products():
     m, n = 3, 5
     assert roofline.essential_flops("SOAP", [(m, n)]) == 2 * (m * m * n + n * n * m + 2 * (m * m * n + m * n * n))
     assert roofline.essential_flops("Muon", [(m, n)]) == 2 * 5 * (2 * m * m * n + m ** 3)
+    assert roofline.essential_flops("ASGO", [(m, n)]) == 2 * (2 * m * m * n + m ** 3)  # eigenvalues="current"
 
 
 def test_bad_arguments_are_refused():
