@@ -17,9 +17,10 @@ each operand (per matrix of a stack) by a power of two that brings its Frobenius
 most 128: the entries of a product of two such operands are then at most ``128^2 = 2^14``
 (Cauchy-Schwarz), and entries down to ``2^-24`` of the scaled norm (about ``3e-10`` of the
 norm) survive as float16 subnormals. A chain rescales its intermediate the same way, and the
-result is unscaled in the state dtype. Powers of two make the scaling itself exact. On CPUs
-with AVX512-FP16 (Sapphire Rapids) float16 products run faster than float32 ones where
-bfloat16 ones run slower; on GPUs both use the tensor cores.
+result is unscaled in the state dtype. Powers of two make the scaling itself exact. Speed:
+on GPUs both low-precision dtypes use the tensor cores; on an AVX-512 CPU without AMX the
+batched float16 products ran at the float32 speed and bfloat16 ones at 0.6x of it
+(``benchmarks/results/roofline_avx512_*``), so there neither mode saves time.
 
 ``"tf32"`` keeps float32 operands and lets CUDA's tensor cores take them as TF32. TF32 is a
 backend setting, not a dtype, so each of these products runs inside :func:`tf32_matmuls`,
@@ -107,8 +108,8 @@ FLOAT16_OPERAND_NORM = 128.0
 
 
 def power_of_two_scale(x: Tensor) -> Tensor:
-    """Per matrix of the stack ``x``: the power of two ``s`` with ``||s x||_F <= 128`` nearest
-    to it, float32, shaped ``[..., 1, 1]``; 1 for a zero or non-finite matrix (left as it is,
+    """Per matrix of the stack ``x``: the largest power of two ``s`` with ``||s x||_F <= 128``,
+    float32, shaped ``[..., 1, 1]``; 1 for a zero or non-finite matrix (left as it is,
     so a non-finite value still shows in the result)."""
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
     scale = torch.exp2(torch.floor(torch.log2(FLOAT16_OPERAND_NORM / norm)))
