@@ -183,8 +183,9 @@ class EigenvalueCorrectedScaling(_SecondMomentInBasis):
     ``Q^T M Q`` and ``Q^T G Q`` are separate products, so with a low-precision ``matmul_dtype``
     their rounding noise is independent: in a direction where the projected gradient is
     almost zero (just after a refresh, every direction the basis makes orthogonal to ``G``),
-    ``D_hat`` holds the square of one noise and the momentum another, and their ratio was up
-    to 12x (bfloat16) and 72x (float16) the float32 step on a least-squares problem.
+    ``D_hat`` holds the square of one noise and the momentum another: their ratio reached 12
+    (bfloat16) and 72 (float16) where float32's is 1, and the second step moved a parameter
+    12x / 53x as far as in float32 on a least-squares problem.
     There ``D_hat`` is floored at :func:`rounding_floor`, which bounds such a ratio near 1;
     float32 products (noise below ``sqrt(eps)``) are left exactly as they were.
     """
